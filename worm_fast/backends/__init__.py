@@ -1,0 +1,61 @@
+"""Kernel backends and how one is chosen.
+
+Every backend exposes the same four functions (``pack_mask``, ``unpack_mask``,
+``hamming_window``, ``masked_sgd_step_``) with the signatures of ``worm_fast._ops``.
+``auto`` picks the fastest one for the tensors' device: CPU → ``cpp``, CUDA → ``cuda``
+then ``triton``, anything else → ``reference``. ``WORM_FAST_BACKEND`` or a ``backend=``
+argument forces one.
+"""
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+NAMES = ("reference", "cpp", "cuda", "triton")
+ENV_VAR = "WORM_FAST_BACKEND"
+_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why it is missing, or what it runs on
+    device_types: tuple[str, ...] | None  # None: any device
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"worm_fast.backends.{name}")
+
+
+def available() -> dict[str, BackendStatus]:
+    """Every backend, whether it can run here, and why not when it cannot."""
+    return {name: _module(name).status() for name in NAMES}
+
+
+def resolve(backend: str | None, device: torch.device) -> ModuleType:
+    """The backend module to run on ``device``: ``backend`` or $WORM_FAST_BACKEND or auto."""
+    choice = backend or os.environ.get(ENV_VAR) or "auto"
+    if choice == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            status = _module(name).status()
+            if status.available and _supports(status, device):
+                return _module(name)
+        raise AssertionError("the reference backend always runs")  # pragma: no cover
+    if choice not in NAMES:
+        raise ValueError(f"unknown backend {choice!r}; expected 'auto' or one of {NAMES}")
+    status = _module(choice).status()
+    if not status.available:
+        raise RuntimeError(f"backend {choice!r} is not available: {status.reason}")
+    if not _supports(status, device):
+        raise RuntimeError(
+            f"backend {choice!r} runs on {status.device_types} tensors, got {device.type}"
+        )
+    return _module(choice)
+
+
+def _supports(status: BackendStatus, device: torch.device) -> bool:
+    return status.device_types is None or device.type in status.device_types

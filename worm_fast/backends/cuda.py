@@ -1,0 +1,15 @@
+"""CUDA kernels of ``worm_fast._C``, present when the extension was built with a toolkit."""
+
+from worm_fast.backends import BackendStatus, cpp
+from worm_fast.backends.cpp import hamming_window, masked_sgd_step_, pack_mask, unpack_mask
+
+__all__ = ["hamming_window", "masked_sgd_step_", "pack_mask", "status", "unpack_mask"]
+
+
+def status() -> BackendStatus:
+    if cpp.LOAD_ERROR is not None:
+        return BackendStatus("cuda", False, cpp.LOAD_ERROR, ("cuda",))
+    if not cpp.has_kernels("CUDA"):
+        reason = "worm_fast._C was built without CUDA (no toolkit at build time)"
+        return BackendStatus("cuda", False, reason, ("cuda",))
+    return BackendStatus("cuda", True, "CUDA kernels from worm_fast._C", ("cuda",))

@@ -1,0 +1,109 @@
+"""Pure-torch kernels: the oracle every other backend is tested against.
+
+Written to be read line by line against DESIGN §3, not to be fast; they also serve as
+the fallback on any device the compiled backends do not cover (registered as the
+``CompositeExplicitAutograd`` kernel of each op, so they never sync with the host).
+"""
+
+import torch
+
+from worm_fast._ops import NAMESPACE, packed_nbytes
+from worm_fast.backends import BackendStatus
+
+_BIT_WEIGHTS = [1 << i for i in range(8)]  # bit i of a byte is element 8*byte + i
+
+
+def status() -> BackendStatus:
+    return BackendStatus("reference", True, "pure torch, any device", None)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for parameters of ``dtype``: fp32 for half types, else itself."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pack_mask(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    acc = compute_dtype(values.dtype)
+    kept = values.reshape(-1).to(acc).abs() > threshold.to(acc)
+    bits = torch.zeros(packed_nbytes(kept.numel()) * 8, dtype=torch.uint8, device=kept.device)
+    bits[: kept.numel()] = kept
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=kept.device)
+    return (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    differing = torch.bitwise_xor(window, current.unsqueeze(0))
+    popcount = torch.tensor(
+        [bin(byte).count("1") for byte in range(256)], dtype=torch.int64, device=window.device
+    )
+    return popcount[differing.long()].sum(dim=1)
+
+
+def masked_sgd_step_(
+    params,
+    grads,
+    momentum_buffers,
+    masks,
+    *,
+    lr,
+    weight_decay,
+    momentum,
+    dampening,
+    nesterov,
+    maximize,
+    is_first_step,
+    truncation,
+    lr_tensor=None,
+    grad_scale=None,
+    found_inf=None,
+):
+    """torch.optim.SGD's update, with the raw gradient truncated first:
+
+    g = grad / grad_scale;  g = g * (kept ? 1 : truncation);  g = -g if maximize
+    g = g + weight_decay * p;  b = g (first step) or momentum * b + (1 - dampening) * g
+    g = g + momentum * b (nesterov) or b;  p = p - lr * g
+
+    A step with ``found_inf != 0`` leaves params and buffers unchanged.
+    """
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        acc = compute_dtype(param.dtype)
+        p = param.to(acc)
+        g = grad.to(acc)
+        if grad_scale is not None:
+            g = g / grad_scale.to(acc)
+        if masks and masks[i] is not None:
+            kept = unpack_mask(masks[i], param.numel()).view_as(param)
+            g = torch.where(kept, g, g * truncation)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if is_first_step:
+                new_buf = g
+            else:
+                new_buf = momentum * buf.to(acc) + (1 - dampening) * g
+            g = g + momentum * new_buf if nesterov else new_buf
+        step_lr = lr_tensor.to(acc) if lr_tensor is not None else lr
+        new_p = p - step_lr * g
+
+        if found_inf is not None:
+            # Select instead of branching so the reference never syncs with the host.
+            keep_old = found_inf.to(torch.bool)
+            new_p = torch.where(keep_old, p, new_p)
+            if momentum != 0:
+                new_buf = torch.where(keep_old, momentum_buffers[i].to(acc), new_buf)
+        param.copy_(new_p)
+        if momentum != 0:
+            momentum_buffers[i].copy_(new_buf)
+
+
+for _name in ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_"):
+    torch.library.impl(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd", globals()[_name])
