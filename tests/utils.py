@@ -2,12 +2,21 @@
 
 import torch
 
-# Tolerances for comparing a backend or optimizer against its oracle, by parameter dtype.
+# Tolerances against an oracle, by parameter dtype: a few ulps of O(1) operands, since
+# fused kernels round differently (FMA, order) and updates can cancel (g + wd * p).
 TOLERANCES = {
     torch.float64: dict(rtol=1e-12, atol=1e-14),
-    torch.float32: dict(rtol=2e-6, atol=1e-7),
+    torch.float32: dict(rtol=2e-6, atol=1e-6),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
     torch.float16: dict(rtol=2e-3, atol=1e-3),
+}
+
+# Half-precision parameters against torch.optim.SGD: torch rounds every intermediate to
+# the half type, worm_fast computes in fp32 and rounds once, so results differ by a few
+# half-precision ulps of the operands (which are O(1) in the tests).
+VS_TORCH_HALF_TOLERANCES = {
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+    torch.float16: dict(rtol=4e-3, atol=4e-3),
 }
 
 ODD_SIZES = (1, 7, 8, 63, 64, 65, 4097)

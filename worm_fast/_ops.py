@@ -24,15 +24,15 @@ def packed_nbytes(numel: int) -> int:
 
 _SCHEMAS = {
     # kept = |values| > threshold; values flattened row-major; threshold a 0-d tensor.
-    "pack_mask": "pack_mask(Tensor values, Tensor threshold) -> Tensor",
+    "pack_mask": "(Tensor values, Tensor threshold) -> Tensor",
     # The bool mask of the first `numel` bits of a packed mask.
-    "unpack_mask": "unpack_mask(Tensor packed, SymInt numel) -> Tensor",
+    "unpack_mask": "(Tensor packed, SymInt numel) -> Tensor",
     # Differing bits between `current` [nbytes] and each row of `window` [l, nbytes].
-    "hamming_window": "hamming_window(Tensor current, Tensor window) -> Tensor",
+    "hamming_window": "(Tensor current, Tensor window) -> Tensor",
     # One fused SGD step over a list of tensors, in place on params and momentum
     # buffers. `masks` is empty or has one entry per param (None = no truncation).
     "masked_sgd_step_": (
-        "masked_sgd_step_(Tensor(a!)[] params, Tensor[] grads, "
+        "(Tensor(a!)[] params, Tensor[] grads, "
         "Tensor(b!)[] momentum_buffers, Tensor?[] masks, *, float lr, "
         "float weight_decay, float momentum, float dampening, bool nesterov, "
         "bool maximize, bool is_first_step, float truncation, "
@@ -40,8 +40,8 @@ _SCHEMAS = {
     ),
 }
 
-for _schema in _SCHEMAS.values():
-    torch.library.define(f"{NAMESPACE}::{_schema}")
+for _name, _schema in _SCHEMAS.items():
+    torch.library.define(f"{NAMESPACE}::{_name}", _schema)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::pack_mask")

@@ -86,10 +86,7 @@ def masked_sgd_step_(
             g = g + weight_decay * p
         if momentum != 0:
             buf = momentum_buffers[i]
-            if is_first_step:
-                new_buf = g
-            else:
-                new_buf = momentum * buf.to(acc) + (1 - dampening) * g
+            new_buf = g if is_first_step else momentum * buf.to(acc) + (1 - dampening) * g
             g = g + momentum * new_buf if nesterov else new_buf
         step_lr = lr_tensor.to(acc) if lr_tensor is not None else lr
         new_p = p - step_lr * g

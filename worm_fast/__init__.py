@@ -1,0 +1,8 @@
+"""worm_fast: fast Early-Bird lottery-ticket search with WORM gradient truncation."""
+
+from worm_fast import _ops, ops
+from worm_fast.backends import available
+from worm_fast.optim import WormSGD
+
+__all__ = ["WormSGD", "_ops", "available", "ops"]
+__version__ = "0.1.0"
