@@ -1,0 +1,122 @@
+"""Early-Bird masks: threshold selection, packing, and the sliding window of distances.
+
+Everything stays on the parameters' device: the threshold is a 0-d device tensor, masks
+are packed there (DESIGN §3.1), and the window returns distances as device tensors, so
+the only host round trip is the caller's once-per-check stop decision.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from worm_fast import ops
+
+SCOPES = ("global", "per_tensor")
+
+
+def check_prune_ratio(prune_ratio: float) -> None:
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+
+
+def global_threshold(tensors: Sequence[torch.Tensor], prune_ratio: float) -> torch.Tensor:
+    """The value at position ``int(total * prune_ratio)`` of the sorted ``|w|`` of all
+    ``tensors`` together (the original Early-Bird rule), as a 0-d tensor on their device."""
+    check_prune_ratio(prune_ratio)
+    magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
+    if magnitudes.numel() == 0:
+        raise ValueError("cannot compute a threshold over zero elements")
+    position = int(magnitudes.numel() * prune_ratio)
+    return magnitudes.kthvalue(position + 1).values
+
+
+def compute_masks(
+    tensors: Sequence[torch.Tensor],
+    prune_ratio: float,
+    *,
+    scope: str = "global",
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """Packed masks (kept = ``|w| > threshold``) over each tensor, with one threshold over
+    all of them (``scope="global"``) or one per tensor (``"per_tensor"``)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "global":
+        threshold = global_threshold(tensors, prune_ratio)
+        return [ops.pack_mask(t.detach(), threshold, backend=backend) for t in tensors]
+    return [
+        ops.pack_mask(t.detach(), global_threshold([t], prune_ratio), backend=backend)
+        for t in tensors
+    ]
+
+
+class MaskWindow:
+    """Ring buffer of the newest ``length`` masks, each a row of packed bytes.
+
+    A mask over several tensors is the concatenation of their packed masks: each is
+    padded to whole words with zero bits, which never differ, so Hamming distances
+    over the concatenation are exact and are divided by the true number of bits.
+    """
+
+    def __init__(self, length: int, numel: int, device: torch.device | str = "cpu") -> None:
+        if length < 2:
+            raise ValueError(f"window length must be at least 2, got {length}")
+        if numel <= 0:
+            raise ValueError(f"a mask must cover at least one element, got {numel}")
+        self.length = length
+        self.numel = numel
+        self.rows = torch.zeros(length, 0, dtype=torch.uint8, device=device)
+        self.count = 0  # masks pushed so far
+        self._nbytes = None
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.length
+
+    @property
+    def newest(self) -> int:
+        """Row index of the newest mask."""
+        return (self.count - 1) % self.length
+
+    def push(self, packed: Sequence[torch.Tensor] | torch.Tensor) -> None:
+        """Add the newest mask: one packed row, or the packed masks of several tensors."""
+        row = packed if isinstance(packed, torch.Tensor) else torch.cat(list(packed))
+        if self._nbytes is None:
+            self._nbytes = row.numel()
+            self.rows = torch.zeros(self.length, row.numel(), dtype=torch.uint8, device=row.device)
+        if row.dtype != torch.uint8 or row.shape != (self._nbytes,):
+            raise ValueError(
+                f"MaskWindow.push: expected {self._nbytes} packed uint8 bytes, got "
+                f"{row.dtype} of shape {tuple(row.shape)}"
+            )
+        self.count += 1
+        self.rows[self.newest] = row
+
+    def distances(self) -> torch.Tensor:
+        """Normalized Hamming distances between the newest mask and each older one in the
+        window (float32 [min(count, length) - 1], oldest first), on the masks' device."""
+        if self.count < 2:
+            return torch.zeros(0, device=self.rows.device)
+        held = min(self.count, self.length)
+        order = [(self.newest - back) % self.length for back in range(held - 1, 0, -1)]
+        older = self.rows[order]
+        differing = ops.hamming_window(self.rows[self.newest], older)
+        return differing.float() / self.numel
+
+    def state_dict(self) -> dict:
+        return {
+            "length": self.length,
+            "numel": self.numel,
+            "rows": self.rows.clone(),
+            "count": self.count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["length"] != self.length or state["numel"] != self.numel:
+            raise ValueError(
+                f"MaskWindow.load_state_dict: saved window of length {state['length']} over "
+                f"{state['numel']} elements, this one is {self.length} over {self.numel}"
+            )
+        self.rows = state["rows"].to(self.rows.device).clone()
+        self.count = int(state["count"])
+        self._nbytes = self.rows.shape[1] if self.count else None
