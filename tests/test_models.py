@@ -1,0 +1,103 @@
+"""CIFAR-style models: shapes, width scaling, parameter counts, registry errors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from worm_fast.models import MODELS, VGG11_CFG, build_model
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def vgg_params(cfg, width, in_channels, num_classes) -> int:
+    """VGG parameter count from the config alone: bias-free 3x3 convs, BN, one linear."""
+    total, channels = 0, in_channels
+    for v in cfg:
+        if v == "M":
+            continue
+        out = max(1, round(v * width))
+        total += channels * out * 9 + 2 * out
+        channels = out
+    return total + channels * num_classes + num_classes
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_forward_shape(name, in_channels):
+    model = build_model(name, num_classes=7, in_channels=in_channels, width=0.25).eval()
+    out = model(torch.randn(2, in_channels, 32, 32))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_width_scales_parameter_count(name):
+    narrow = n_params(build_model(name, width=0.25))
+    wider = n_params(build_model(name, width=0.5))
+    # Conv weights dominate and grow with the square of the width.
+    assert 3.0 < wider / narrow < 4.2
+
+
+def test_tiny_width_keeps_one_channel_per_layer():
+    model = build_model("vgg11", width=1e-3).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [1] * 8
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_vgg11_parameter_count_matches_config():
+    for width, in_channels in [(1.0, 3), (0.3, 1)]:
+        model = build_model("vgg11", in_channels=in_channels, width=width)
+        assert n_params(model) == vgg_params(VGG11_CFG, width, in_channels, 10)
+
+
+def test_resnet_parameter_counts_match_reference_implementations():
+    # kuangliu/pytorch-cifar ResNet18 (the Early-Bird code's model): 11,173,962.
+    assert n_params(build_model("resnet18")) == 11_173_962
+
+    # ResNet-20 with 1x1-conv projection shortcuts, counted by hand:
+    # stem 3*16*9+32; stage k: 3 blocks of two 3x3 convs + 2 BNs, plus a projection.
+    def block(cin, c):
+        return cin * c * 9 + c * c * 9 + 4 * c
+
+    expected = 3 * 16 * 9 + 32
+    expected += 3 * block(16, 16)
+    expected += block(16, 32) + 2 * block(32, 32) + 16 * 32 + 64
+    expected += block(32, 64) + 2 * block(64, 64) + 32 * 64 + 128
+    expected += 64 * 10 + 10
+    assert n_params(build_model("resnet20")) == expected
+
+
+@pytest.mark.parametrize(("name", "count"), [("resnet18", 20), ("resnet20", 21), ("vgg11", 8)])
+def test_batchnorms_are_plain_batchnorm2d(name, count):
+    bns = [
+        m
+        for m in build_model(name, width=0.25).modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    assert len(bns) == count
+    assert all(type(m) is nn.BatchNorm2d for m in bns)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+
+
+def test_kaiming_fan_out_init():
+    torch.manual_seed(0)
+    conv = build_model("vgg11", width=0.5).features[-4]  # the last conv: 256 -> 256
+    assert isinstance(conv, nn.Conv2d)
+    expected = math.sqrt(2 / (conv.out_channels * 9))
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.02)
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ValueError, match="resnet18, resnet20, vgg11"):
+        build_model("resnet50")
+
+
+@pytest.mark.parametrize("width", [0, -1.0, "1"])
+def test_bad_width(width):
+    with pytest.raises(ValueError, match="width"):
+        build_model("resnet20", width=width)

@@ -1,0 +1,40 @@
+"""CIFAR-style CNNs for the Early-Bird search, built by name."""
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .resnet import BasicBlock, CifarResNet, resnet18, resnet20
+from .vgg import VGG, VGG11_CFG, vgg11
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet20": resnet20,
+    "vgg11": vgg11,
+}
+
+
+def build_model(
+    name: str, *, num_classes: int = 10, in_channels: int = 3, width: float = 1.0
+) -> nn.Module:
+    """A freshly initialized model; ``width`` scales every layer's channel count."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
+        ) from None
+    return factory(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+__all__ = [
+    "MODELS",
+    "VGG",
+    "VGG11_CFG",
+    "BasicBlock",
+    "CifarResNet",
+    "build_model",
+    "resnet18",
+    "resnet20",
+    "vgg11",
+]

@@ -1,0 +1,109 @@
+"""CIFAR-style ResNets (3x3 stem, no max-pool) as used by the Early-Bird code.
+
+ResNet-18 follows the Early-Bird / kuangliu layout (BasicBlock, [2, 2, 2, 2], widths
+64-128-256-512); ResNet-20 is He et al.'s CIFAR net ([3, 3, 3], widths 16-32-64) with
+projection (1x1 conv + BN) shortcuts where the shape changes, so that torch-pruning can
+trace every residual connection.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._width import check_width, scaled
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus shortcut, then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """Stem conv, one stage of BasicBlocks per entry of ``blocks``, global pool, linear.
+
+    Stage ``i`` has ``widths[i]`` channels (times ``width``); every stage after the
+    first halves the resolution. Stages are the attributes ``layer1``, ``layer2``, ...
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        widths: Sequence[int],
+        *,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: float = 1.0,
+    ):
+        super().__init__()
+        if len(blocks) != len(widths):
+            raise ValueError(
+                f"blocks and widths need one entry per stage, got {len(blocks)} and {len(widths)}"
+            )
+        width = check_width(width)
+        planes = [scaled(w, width) for w in widths]
+        self.num_stages = len(blocks)
+        self.conv1 = nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0])
+        in_planes = planes[0]
+        for i, (count, out_planes) in enumerate(zip(blocks, planes, strict=True)):
+            stage = []
+            for j in range(count):
+                stride = 2 if i > 0 and j == 0 else 1
+                stage.append(BasicBlock(in_planes, out_planes, stride))
+                in_planes = out_planes
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        _init_weights(self)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        for stage in self.stages():
+            out = stage(out)
+        return self.fc(torch.flatten(self.avgpool(out), 1))
+
+
+def _init_weights(model: nn.Module) -> None:
+    # torchvision's ResNet initialization; the linear layer keeps PyTorch's default.
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def resnet18(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    return CifarResNet(
+        [2, 2, 2, 2], [64, 128, 256, 512],
+        num_classes=num_classes, in_channels=in_channels, width=width,
+    )  # fmt: skip
+
+
+def resnet20(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    return CifarResNet(
+        [3, 3, 3], [16, 32, 64], num_classes=num_classes, in_channels=in_channels, width=width
+    )
