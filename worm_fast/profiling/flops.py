@@ -1,0 +1,363 @@
+"""Operation counts: model FLOPs per step, and FLOPs and bytes moved by worm_fast's ops.
+
+Model FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on a copy of the
+model on the ``meta`` device (shapes only, no arithmetic), once per architecture and input
+shape; the caller multiplies by the steps it takes. Counting live would slow training
+several-fold.
+
+worm_fast's own ops get FLOP formulas here, so a ``FlopCounterMode`` around a training step
+counts them too, and a bytes-moved formula each, since the optimizer step and the mask ops
+are memory-bound: their bytes, not their FLOPs, set their time. Every elementwise
+arithmetic operation, comparison or select counts as one operation (a "FLOP"); integer
+bit operations on packed masks count the same way. Scalars (lr, threshold, grad scale,
+found_inf) are left out of the bytes.
+"""
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+from worm_fast._ops import packed_nbytes
+
+_ops = torch.ops.worm_fast
+
+# --------------------------------------------------------------------------- model FLOPs
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one forward and one backward pass of a model on one batch."""
+
+    forward: int
+    backward: int
+
+    @property
+    def train_step(self) -> int:
+        """Forward + backward: the model FLOPs of one training step."""
+        return self.forward + self.backward
+
+
+_model_flops_cache: dict[tuple, FlopCount] = {}
+
+
+def model_flops(
+    model: torch.nn.Module,
+    example_inputs,
+    *,
+    loss_fn: Callable[[object], torch.Tensor] | None = None,
+) -> FlopCount:
+    """Forward and backward FLOPs of ``model(*example_inputs)``, counted on the meta device.
+
+    ``example_inputs`` is one tensor or a tuple of positional arguments (tensors, or
+    anything else passed through). ``loss_fn`` maps the model's output to the scalar that
+    is back-propagated (it runs on meta tensors: make targets on ``output.device``); by
+    default the sum of every floating-point output. The result is
+    cached per architecture (module structure, parameter and buffer shapes, train/eval
+    mode), input shapes and ``loss_fn``; a structurally pruned model is a new architecture.
+    The model itself is not touched: its parameters are not copied, only their shapes.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    key = (_architecture_signature(model), _inputs_signature(inputs), loss_fn)
+    if key not in _model_flops_cache:
+        _model_flops_cache[key] = _count_on_meta(model, inputs, loss_fn)
+    return _model_flops_cache[key]
+
+
+def _architecture_signature(model: torch.nn.Module) -> tuple:
+    # repr() carries the layer hyperparameters (strides, kernel sizes) that shapes do not.
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return (
+        type(model),
+        repr(model),
+        model.training,
+        tuple((name, tuple(t.shape), t.dtype) for name, t in tensors),
+    )
+
+
+def _inputs_signature(inputs: tuple) -> tuple:
+    leaves, spec = tree_flatten(inputs)
+    return (
+        str(spec),
+        tuple(
+            (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in leaves
+        ),
+    )
+
+
+def _count_on_meta(model: torch.nn.Module, inputs: tuple, loss_fn) -> FlopCount:
+    # Pre-seeding deepcopy's memo with meta twins copies the module tree without copying a
+    # single weight, so counting a large model on a full GPU costs no device memory.
+    memo = {}
+    for param in model.parameters():
+        memo[id(param)] = torch.nn.Parameter(
+            param.detach().to("meta"), requires_grad=param.requires_grad
+        )
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach().to("meta")
+    meta_inputs = tree_map(
+        lambda x: x.detach().to("meta") if isinstance(x, torch.Tensor) else x, inputs
+    )
+    try:
+        meta_model = copy.deepcopy(model, memo)
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            output = meta_model(*meta_inputs)
+            forward = counter.get_total_flops()
+            loss = loss_fn(output) if loss_fn is not None else _sum_outputs(output)
+            if loss.requires_grad:
+                loss.backward()
+            total = counter.get_total_flops()
+    except (NotImplementedError, RuntimeError, TypeError) as error:
+        raise RuntimeError(
+            f"counting the FLOPs of {type(model).__name__} on the meta device failed "
+            f"(a module that cannot be deep-copied, or an op without a meta kernel?): {error}"
+        ) from error
+    return FlopCount(forward=forward, backward=total - forward)
+
+
+def _sum_outputs(output) -> torch.Tensor:
+    leaves = [
+        x for x in tree_flatten(output)[0] if isinstance(x, torch.Tensor) and x.is_floating_point()
+    ]
+    if not leaves:
+        raise ValueError(
+            "model_flops: the model returned no floating-point tensor; pass loss_fn= to say "
+            "what to back-propagate"
+        )
+    return sum(x.sum() for x in leaves)
+
+
+# ------------------------------------------------------------ worm_fast ops: cost formulas
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Operations and bytes moved by some op calls; adds and scales (``cost * steps``)."""
+
+    flops: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: "OpCost") -> "OpCost":
+        return OpCost(self.flops + other.flops, self.bytes + other.bytes)
+
+    def __mul__(self, times: int) -> "OpCost":
+        return OpCost(self.flops * times, self.bytes * times)
+
+    __rmul__ = __mul__
+
+
+def sgd_flops_per_element(
+    *,
+    momentum: float,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    masked: bool = False,
+    grad_scaled: bool = False,
+    is_first_step: bool = False,
+) -> int:
+    """Operations per element of one masked SGD step (the formula in DESIGN §3.3)."""
+    flops = 2  # p - lr * g
+    if grad_scaled:
+        flops += 1  # g / grad_scale
+    if masked:
+        flops += 2  # factor = kept ? 1 : r (a select on the mask bit), g * factor
+    if maximize:
+        flops += 1  # -g
+    if weight_decay != 0:
+        flops += 2  # g + weight_decay * p
+    if momentum != 0:
+        if not is_first_step:  # the first step copies g into the buffer
+            flops += 3  # momentum * b + (1 - dampening) * g
+        if nesterov:
+            flops += 2  # g + momentum * b
+    return flops
+
+
+def _mask_bytes(numel: int) -> int:
+    # The bits a kernel reads, not the word padding after them.
+    return math.ceil(numel / 8)
+
+
+@register_flop_formula(_ops.masked_sgd_step_)
+def _masked_sgd_step_flop(
+    params,
+    grads,
+    momentum_buffers,
+    masks,
+    *,
+    weight_decay,
+    momentum,
+    nesterov,
+    maximize,
+    is_first_step,
+    grad_scale=None,
+    out_shape=None,
+    **unused,
+) -> int:
+    total = 0
+    for i, shape in enumerate(params):
+        per_element = sgd_flops_per_element(
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            masked=bool(masks) and masks[i] is not None,
+            grad_scaled=grad_scale is not None,
+            is_first_step=is_first_step,
+        )
+        total += math.prod(shape) * per_element
+    return total
+
+
+@register_flop_formula(_ops.pack_mask)
+def _pack_mask_flop(values, threshold, *, out_shape=None) -> int:
+    return 2 * math.prod(values)  # |w|, compare with the threshold
+
+
+@register_flop_formula(_ops.unpack_mask)
+def _unpack_mask_flop(packed, numel, *, out_shape=None) -> int:
+    return 2 * numel  # shift, and
+
+
+@register_flop_formula(_ops.hamming_window)
+def _hamming_window_flop(current, window, *, out_shape=None) -> int:
+    # One xor and one popcount per byte of each window row; a word-wise kernel issues
+    # fewer instructions, but the count stays independent of the machine.
+    rows, nbytes = window
+    return 2 * rows * nbytes
+
+
+def _masked_sgd_step_bytes(
+    params, grads, momentum_buffers, masks, *, momentum, is_first_step, **unused
+) -> int:
+    total = 0
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        p = param.numel() * param.element_size()
+        total += 2 * p + grad.numel() * grad.element_size()  # read p, g; write p
+        if momentum != 0:
+            buf = momentum_buffers[i].numel() * momentum_buffers[i].element_size()
+            total += buf if is_first_step else 2 * buf  # (read and) write the buffer
+        if masks and masks[i] is not None:
+            total += _mask_bytes(param.numel())
+    return total
+
+
+def _pack_mask_bytes(values, threshold) -> int:
+    return values.numel() * values.element_size() + packed_nbytes(values.numel())
+
+
+def _unpack_mask_bytes(packed, numel) -> int:
+    return _mask_bytes(numel) + numel  # one bool byte out per bit in
+
+
+def _hamming_window_bytes(current, window) -> int:
+    rows = window.shape[0]
+    return window.numel() + current.numel() + rows * 8  # int64 counts out
+
+
+_BYTES = {
+    _ops.masked_sgd_step_: _masked_sgd_step_bytes,
+    _ops.pack_mask: _pack_mask_bytes,
+    _ops.unpack_mask: _unpack_mask_bytes,
+    _ops.hamming_window: _hamming_window_bytes,
+}
+_FLOPS = {
+    _ops.masked_sgd_step_: _masked_sgd_step_flop,
+    _ops.pack_mask: _pack_mask_flop,
+    _ops.unpack_mask: _unpack_mask_flop,
+    _ops.hamming_window: _hamming_window_flop,
+}
+
+
+def _packet(op):
+    packet = getattr(op, "_overloadpacket", op)
+    if packet not in _BYTES:
+        names = ", ".join(str(known) for known in _BYTES)
+        raise ValueError(f"no cost formula for {op}; known ops: {names}")
+    return packet
+
+
+def bytes_moved(op, *args, **kwargs) -> int:
+    """Bytes one call of the worm_fast ``op`` reads and writes, given that call's arguments.
+
+    Tensors may be on the meta device, so a cost can be computed without data.
+    """
+    return _BYTES[_packet(op)](*args, **kwargs)
+
+
+def op_cost(op, *args, **kwargs) -> OpCost:
+    """FLOPs (the formula ``FlopCounterMode`` uses) and bytes of one call of ``op``."""
+    packet = _packet(op)
+    return OpCost(_FLOPS[packet](*args, **kwargs), _BYTES[packet](*args, **kwargs))
+
+
+# ------------------------------------------------------------- per-step conveniences
+
+
+def optimizer_step_cost(
+    params: Iterable[torch.Tensor],
+    *,
+    momentum: float,
+    masked_numel: int,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scaled: bool = False,
+) -> OpCost:
+    """FLOPs and bytes of one steady-state WormSGD step over ``params``.
+
+    ``masked_numel`` elements (the representative parameters) carry a mask and are
+    truncated; gradients are taken to have their parameter's dtype.
+    """
+    params = list(params)
+    numel = sum(p.numel() for p in params)
+    if not 0 <= masked_numel <= numel:
+        raise ValueError(
+            f"masked_numel must be in [0, {numel}] (the params' size), got {masked_numel}"
+        )
+    hyper = dict(
+        momentum=momentum,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        grad_scaled=grad_scaled,
+    )
+    flops = numel * sgd_flops_per_element(**hyper) + masked_numel * (
+        sgd_flops_per_element(**hyper, masked=True) - sgd_flops_per_element(**hyper)
+    )
+    # Per element: read p and g, write p; with momentum also read and write the buffer.
+    tensor_passes = 5 if momentum != 0 else 3
+    data = sum(p.numel() * p.element_size() * tensor_passes for p in params)
+    return OpCost(flops, data + _mask_bytes(masked_numel))
+
+
+def mask_check_cost(
+    masked_numel: int, *, window: int, dtype: torch.dtype = torch.float32
+) -> OpCost:
+    """FLOPs and bytes of one Early-Bird check's mask ops over ``masked_numel`` values:
+    packing the new mask, and its Hamming distances to the ``window - 1`` older ones.
+
+    The threshold selection (a sort or k-th value in aten) is not included.
+    """
+    values = torch.empty(masked_numel, dtype=dtype, device="meta")
+    packed = torch.empty(packed_nbytes(masked_numel), dtype=torch.uint8, device="meta")
+    older = torch.empty(max(window - 1, 0), packed.numel(), dtype=torch.uint8, device="meta")
+    threshold = torch.empty((), dtype=dtype, device="meta")
+    return op_cost(_ops.pack_mask, values, threshold) + op_cost(_ops.hamming_window, packed, older)
+
+
+__all__ = [
+    "FlopCount",
+    "OpCost",
+    "bytes_moved",
+    "mask_check_cost",
+    "model_flops",
+    "op_cost",
+    "optimizer_step_cost",
+    "sgd_flops_per_element",
+]
