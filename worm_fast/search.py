@@ -171,14 +171,21 @@ class EarlyBirdSearch:
             self.r, self.triggered_at = cfg["truncation"], epoch
         triggered = self.triggered_at == epoch
         if converged:
-            shapes = {name: p.shape for name, p in self.params.items()}
-            packed = {name: m.clone() for name, m in zip(self.params, self._newest)}
-            self.ticket = Ticket(epoch, packed, shapes)
+            self.ticket = self.candidate()
         self._hand_masks_to_optimizer()
 
         record = CheckRecord(epoch, d_max, d_avg, self.r, triggered, converged, full)
         self.records.append(record)
         return record
+
+    def candidate(self) -> Ticket:
+        """The newest masks as a ticket: the ticket itself once converged, else the best
+        guess so far (for pruning a search that ran out of epochs)."""
+        if not self._newest:
+            raise RuntimeError("no check has run yet, so there is no mask")
+        shapes = {name: p.shape for name, p in self.params.items()}
+        packed = {name: m.clone() for name, m in zip(self.params, self._newest)}
+        return Ticket(self.window.count, packed, shapes)  # count: checks that made a mask
 
     def _hand_masks_to_optimizer(self) -> None:
         if self.triggered_at is not None:

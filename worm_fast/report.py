@@ -1,0 +1,193 @@
+"""Result files of an experiment: JSON, CSV, the paper-style table and the figures.
+
+Files are written to a temporary name and renamed into place, so a reader (or an
+interrupted run) never sees a half-written file, and earlier results are replaced only
+by complete new ones.
+"""
+
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from worm_fast import __version__, backends
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt
+
+ROW_COLUMNS = (
+    "variant", "seed", "phase", "epoch", "loss", "train_accuracy", "test_accuracy",
+    "d_max", "d_avg", "r", "triggered", "converged", "seconds", "steps",
+)  # fmt: skip
+
+# Paper column → metric key (Tables I–III).
+TABLE_COLUMNS = {
+    "Ticket Search Epoch Count": "search_epochs",
+    "Trigger Epoch": "trigger_epoch",
+    "Pre-Pruned Acc.": "pre_pruned_accuracy",
+    "Post-Prune Acc.": "pruned_accuracy",
+    "Retrain Acc. after One Epoch": "retrain_accuracy_1",
+    "90% Restoration Epochs": "restore_90_epochs",
+    "Total Time": "total_seconds",
+}
+
+
+def environment() -> dict:
+    """Where the results were measured."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "worm_fast": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "backends": {
+            name: status.available if status.available else status.reason
+            for name, status in backends.available().items()
+        },
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _format(value, key: str) -> str:
+    if value is None:
+        return "–"
+    if key.endswith("accuracy") or key.endswith("accuracy_1"):
+        return f"{value:.2f}%"
+    if key.endswith("seconds"):
+        return f"{value:.0f}s"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def paper_table(document: dict) -> str:
+    """A Markdown table of the variants' mean metrics, in the paper's columns."""
+    summary = document["summary"]
+    header = ["Algorithm", *TABLE_COLUMNS, "Runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, means in summary.items():
+        cells = [_format(means.get(key), key) for key in TABLE_COLUMNS.values()]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {means['runs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_text(rows: list[dict], columns) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_results(out_dir: str | os.PathLike, document: dict) -> dict[str, Path]:
+    """Write results.json, epochs.csv, runs.csv and table.md; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("results.json", "epochs.csv", "runs.csv", "table.md")}
+    epoch_rows = [
+        {"variant": run["variant"], "seed": run["seed"], **row}
+        for run in document["runs"]
+        for row in run.get("rows", [])
+    ]
+    run_rows = [
+        {"variant": run["variant"], "seed": run["seed"], "status": run["status"],
+         **run.get("metrics", {})}
+        for run in document["runs"]
+    ]  # fmt: skip
+    metric_columns = dict.fromkeys(k for row in run_rows for k in row)
+    _atomic_write(paths["results.json"], json.dumps(document, indent=1, default=str))
+    _atomic_write(paths["epochs.csv"], _csv_text(epoch_rows, ROW_COLUMNS))
+    _atomic_write(paths["runs.csv"], _csv_text(run_rows, metric_columns))
+    _atomic_write(paths["table.md"], paper_table(document))
+    return paths
+
+
+def _mean_by_epoch(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
+    values: dict[int, list[float]] = {}
+    for run in runs:
+        for row in run.get("rows", []):
+            if row["phase"] == "search" and row.get(key) is not None:
+                values.setdefault(row["epoch"], []).append(row[key])
+    epochs = sorted(values)
+    return epochs, [sum(values[e]) / len(values[e]) for e in epochs]
+
+
+def plot_mask_distances(document: dict, path: str | os.PathLike) -> Path:
+    """d_max and d_avg per search epoch for each variant (the paper's Figure 1), with the
+    stop distance and WORM's trigger line."""
+    config = document["base_config"]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for index, variant in enumerate(document["variants"]):
+        runs = [run for run in document["runs"] if run["variant"] == variant]
+        color = f"C{index}"
+        for key, style in (("d_max", "-"), ("d_avg", "--")):
+            epochs, means = _mean_by_epoch(runs, key)
+            axis.plot(epochs, means, style, color=color, marker="o", ms=3,
+                      label=f"{variant} {key}")  # fmt: skip
+    stop, margin = config["stop_distance"], config["trigger_margin"]
+    axis.axhline(stop, color="black", lw=1, label=f"stop s = {stop:g}")
+    axis.axhline(
+        stop + margin, color="gray", lw=1, ls=":", label=f"trigger s + δ = {stop + margin:g}"
+    )
+    axis.set_xlabel("search epoch")
+    axis.set_ylabel("normalized mask distance")
+    axis.set_title(
+        f"Mask distance ({config['model']}, {config['dataset']}, window {config['window']})"
+    )
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_losses(document: dict, path: str | os.PathLike, *, smoothing: int = 10) -> Path:
+    """Training loss per step through search and retraining, per variant (Figure 2):
+    the mean over seeds, smoothed by a moving average of ``smoothing`` steps."""
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for index, variant in enumerate(document["variants"]):
+        curves = [
+            [loss for row in run.get("rows", []) for loss in row.get("batch_losses", [])]
+            for run in document["runs"]
+            if run["variant"] == variant
+        ]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        mean = torch.tensor([c[:length] for c in curves]).mean(dim=0)
+        window = max(1, min(smoothing, length))
+        smooth = torch.nn.functional.avg_pool1d(mean[None, None], window, stride=1)[0, 0]
+        axis.plot(range(window - 1, length), smooth.tolist(), color=f"C{index}", label=variant)
+        run = next(r for r in document["runs"] if r["variant"] == variant)
+        search_steps = sum(row.get("steps", 0) for row in run["rows"] if row["phase"] == "search")
+        axis.axvline(search_steps, color=f"C{index}", ls=":", lw=1)
+    axis.set_xlabel("training step (dotted: ticket pruned, retraining starts)")
+    axis.set_ylabel("training loss")
+    axis.set_title("Training loss, EB Train vs WORM")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def _save(figure, path) -> Path:
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    figure.tight_layout()
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
