@@ -1,0 +1,193 @@
+"""Triton kernels of the four worm_fast ops (formulas: ``backends/reference.py``).
+
+Conventions shared by every kernel:
+
+* program ids are cast to int64 before they scale offsets, so tensors past 2**31
+  elements index correctly;
+* arithmetic runs in fp64 for fp64 tensors and in fp32 for every other dtype
+  (``reference.compute_dtype``), results are stored back in the tensor's dtype;
+* float hyperparameters arrive as the int64 bits of the Python double, because Triton
+  passes a Python float as an fp32 scalar and that would round fp64 steps;
+* optional tensors arrive as ``None`` and are tested with ``is not None``, which
+  Triton resolves at compile time, like the ``tl.constexpr`` flags.
+"""
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def _to_acc(x, like_ptr):
+    # fp64 tensors compute in fp64, every other dtype in fp32.
+    if like_ptr.dtype.element_ty == tl.float64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _to_storage(x, like_ptr):
+    """``x`` (fp32 or fp64) rounded to nearest even into the dtype ``like_ptr`` points to.
+
+    bf16 is rounded by hand: Triton's interpreter truncates fp32 -> bf16, and the same
+    integer rounding (as in c10::BFloat16) keeps CPU tests bit-identical to the GPU's.
+    """
+    if like_ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = tl.where(x != x, 0x7FC00000, bits)  # NaN stays a quiet NaN
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(like_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _from_bits(bits, like_ptr):
+    # Small bit patterns may arrive as int32 (interpreter), so widen before the bitcast.
+    return _to_acc(bits.to(tl.int64).to(tl.float64, bitcast=True), like_ptr)
+
+
+@triton.jit
+def _popcount64(x):
+    # SWAR popcount: Triton has no portable popcount intrinsic. Unsigned, so that the
+    # right shifts are logical.
+    x = x.to(tl.uint64, bitcast=True)
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return ((x * 0x0101010101010101) >> 56).to(tl.int64)
+
+
+@triton.jit
+def _byte_tile(BLOCK: tl.constexpr):
+    """This program's elements as a [BLOCK // 8, 8] tile: one row per mask byte.
+
+    Returns the byte index [B, 1], the bit index [1, 8] and the element index [B, 8],
+    so each mask byte is loaded once per row and its bits are expanded in registers.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)[:, None]
+    bit = tl.arange(0, 8)[None, :]
+    return byte, bit, byte * 8 + bit
+
+
+@triton.jit
+def _bits_of(packed, bit):
+    # packed [B, 1] bytes, bit [1, 8] -> [B, 8] bools, LSB first.
+    return ((packed.to(tl.int32) >> bit) & 1) != 0
+
+
+@triton.jit
+def _pack_mask_kernel(values_ptr, threshold_ptr, out_ptr, numel, nbytes, BLOCK_BYTES: tl.constexpr):
+    """out[byte] bit i = |values[8 * byte + i]| > threshold; bytes past ``numel`` are 0."""
+    byte, bit, index = _byte_tile(BLOCK_BYTES * 8)
+    inside = index < numel
+    values = _to_acc(tl.load(values_ptr + index, mask=inside, other=0), values_ptr)
+    threshold = _to_acc(tl.load(threshold_ptr), values_ptr)
+    # `inside` again: padding must stay 0 even for a negative threshold.
+    kept = (tl.abs(values) > threshold) & inside
+    packed = tl.sum(kept.to(tl.int32) << bit, axis=1, keep_dims=True)
+    tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte < nbytes)
+
+
+@triton.jit
+def _unpack_mask_kernel(packed_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out[i] = bit i % 8 of packed[i // 8]."""
+    byte, bit, index = _byte_tile(BLOCK)
+    inside = index < numel
+    packed = tl.load(packed_ptr + byte, mask=byte * 8 < numel, other=0)
+    tl.store(out_ptr + index, _bits_of(packed, bit), mask=inside)
+
+
+@triton.jit
+def _hamming_window_kernel(
+    current_ptr, window_ptr, out_ptr, nwords, rows, row_stride, BLOCK: tl.constexpr
+):
+    """out[r] += popcount(current ^ window[r]) over this program's int64 words.
+
+    Each program reads its block of ``current`` once and compares it with every row, then
+    adds one partial count per row atomically (``out`` starts at zero).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    index = pid * BLOCK + tl.arange(0, BLOCK)
+    inside = index < nwords
+    current = tl.load(current_ptr + index, mask=inside, other=0)
+    for row in range(rows):
+        other = tl.load(window_ptr + index, mask=inside, other=0)
+        tl.atomic_add(out_ptr + row, tl.sum(_popcount64(current ^ other), axis=0))
+        # Advance the pointer rather than scale `row`: no int32 product to overflow.
+        window_ptr += row_stride
+
+
+@triton.jit(
+    do_not_specialize=[
+        "lr_bits",
+        "weight_decay_bits",
+        "momentum_bits",
+        "one_minus_dampening_bits",
+        "truncation_bits",
+    ]
+)
+def _masked_sgd_step_kernel(
+    param_ptr,
+    grad_ptr,
+    buf_ptr,  # None: momentum == 0
+    mask_ptr,  # None: no truncation for this tensor
+    lr_ptr,  # None: use lr_bits
+    grad_scale_ptr,
+    found_inf_ptr,
+    numel,
+    lr_bits: tl.int64,
+    weight_decay_bits: tl.int64,
+    momentum_bits: tl.int64,
+    one_minus_dampening_bits: tl.int64,
+    truncation_bits: tl.int64,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One SGD step over ``BLOCK`` elements of one tensor, the gradient truncated first.
+
+    g = grad / grad_scale;  g *= (kept ? 1 : truncation);  g = -g if maximize
+    g += weight_decay * p;  b = g (first step) or momentum * b + (1 - dampening) * g
+    g = g + momentum * b (nesterov) or b;  p -= lr * g
+    """
+    # A skipped GradScaler step, decided on the device so the host never waits. Nested:
+    # the outer test is resolved at compile time, the inner one per launch.
+    if found_inf_ptr is not None:  # noqa: SIM102
+        if tl.load(found_inf_ptr) != 0:
+            return
+    byte, bit, index = _byte_tile(BLOCK)
+    inside = index < numel
+    p = _to_acc(tl.load(param_ptr + index, mask=inside), param_ptr)
+    g = _to_acc(tl.load(grad_ptr + index, mask=inside), param_ptr)
+    if grad_scale_ptr is not None:
+        g = g / _to_acc(tl.load(grad_scale_ptr), param_ptr)
+    if mask_ptr is not None:
+        kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
+        g = tl.where(kept, g, g * _from_bits(truncation_bits, param_ptr))
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        g = g + _from_bits(weight_decay_bits, param_ptr) * p
+    if buf_ptr is not None:
+        momentum = _from_bits(momentum_bits, param_ptr)
+        if FIRST_STEP:
+            buf = g
+        else:
+            old = _to_acc(tl.load(buf_ptr + index, mask=inside), param_ptr)
+            buf = momentum * old + _from_bits(one_minus_dampening_bits, param_ptr) * g
+        tl.store(buf_ptr + index, _to_storage(buf, buf_ptr), mask=inside)
+        g = g + momentum * buf if NESTEROV else buf
+    if lr_ptr is not None:
+        lr = _to_acc(tl.load(lr_ptr), param_ptr)
+    else:
+        lr = _from_bits(lr_bits, param_ptr)
+    tl.store(param_ptr + index, _to_storage(p - lr * g, param_ptr), mask=inside)
+
+
+# TRITON_INTERPRET=1 (read when the kernels above were decorated) runs them on the CPU.
+INTERPRETED = isinstance(_masked_sgd_step_kernel, InterpretedFunction)
