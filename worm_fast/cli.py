@@ -70,6 +70,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--out", type=Path, default=Path("runs/latest"), help="results directory")
     output.add_argument("--no-progress", action="store_true", help="no progress bars")
     output.add_argument("--no-plots", action="store_true")
+    output.add_argument(
+        "--carbon-intensity",
+        type=float,
+        help="grid g CO2eq/kWh: with --pue, emissions are reported",
+    )
+    output.add_argument("--pue", type=float, help="data-centre power usage effectiveness")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         report.plot_mask_distances(document, args.out / "mask_distance.png")
         report.plot_losses(document, args.out / "loss.png")
     print(report.paper_table(document))
-    print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, table.md"
+    print(report.profile_table(document))
+    print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, phases.csv, table.md"
           + ("" if args.no_plots else ", mask_distance.png, loss.png") + ")")  # fmt: skip
     return 0
 

@@ -86,6 +86,41 @@ def paper_table(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROFILE_COLUMNS = {
+    "time (s)": ("duration", "{:.1f}"),
+    "steps": ("steps", "{:.0f}"),
+    "FLOPs": ("flops", "{:.3g}"),
+    "optimizer bytes": ("optimizer_bytes", "{:.3g}"),
+    "energy (J)": ("energy_joules", "{:.1f}"),
+}
+
+
+def profile_table(document: dict) -> str:
+    """Per variant and phase, the mean over complete runs of time, FLOPs and energy."""
+    header = ["Algorithm", "phase", *PROFILE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    unavailable: dict[str, str] = {}
+    for variant in document["variants"]:
+        profiles = [
+            run["profile"] for run in document["runs"]
+            if run["variant"] == variant and run["status"] == "complete"
+        ]  # fmt: skip
+        if not profiles:
+            continue
+        for index, first in enumerate([*profiles[0]["phases"], profiles[0]["total"]]):
+            rows = [[*p["phases"], p["total"]][index] for p in profiles]
+            cells = [variant, first["phase"]]
+            for key, template in PROFILE_COLUMNS.values():
+                values = [row[key] for row in rows if row[key] is not None]
+                cells.append(template.format(sum(values) / len(values)) if values else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
+        unavailable.update(profiles[0]["energy_unavailable"])
+    if unavailable:
+        reasons = "; ".join(f"{name}: {why}" for name, why in unavailable.items())
+        lines.append(f"\nEnergy not measured by {reasons}.")
+    return "\n".join(lines) + "\n"
+
+
 def _csv_text(rows: list[dict], columns) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
@@ -98,7 +133,8 @@ def write_results(out_dir: str | os.PathLike, document: dict) -> dict[str, Path]
     """Write results.json, epochs.csv, runs.csv and table.md; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("results.json", "epochs.csv", "runs.csv", "table.md")}
+    names = ("results.json", "epochs.csv", "runs.csv", "phases.csv", "table.md")
+    paths = {name: out / name for name in names}
     epoch_rows = [
         {"variant": run["variant"], "seed": run["seed"], **row}
         for run in document["runs"]
@@ -110,10 +146,19 @@ def write_results(out_dir: str | os.PathLike, document: dict) -> dict[str, Path]
         for run in document["runs"]
     ]  # fmt: skip
     metric_columns = dict.fromkeys(k for row in run_rows for k in row)
+    phase_rows = [
+        {"variant": run["variant"], "seed": run["seed"], **row}
+        for run in document["runs"]
+        if run.get("profile")
+        for row in [*run["profile"]["phases"], run["profile"]["total"]]
+        if row is not None
+    ]
+    phase_columns = dict.fromkeys(k for row in phase_rows for k in row)
     _atomic_write(paths["results.json"], json.dumps(document, indent=1, default=str))
     _atomic_write(paths["epochs.csv"], _csv_text(epoch_rows, ROW_COLUMNS))
     _atomic_write(paths["runs.csv"], _csv_text(run_rows, metric_columns))
-    _atomic_write(paths["table.md"], paper_table(document))
+    _atomic_write(paths["phases.csv"], _csv_text(phase_rows, phase_columns))
+    _atomic_write(paths["table.md"], paper_table(document) + "\n" + profile_table(document))
     return paths
 
 

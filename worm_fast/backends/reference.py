@@ -10,8 +10,6 @@ import torch
 from worm_fast._ops import NAMESPACE, packed_nbytes
 from worm_fast.backends import BackendStatus
 
-_BIT_WEIGHTS = [1 << i for i in range(8)]  # bit i of a byte is element 8*byte + i
-
 
 def status() -> BackendStatus:
     return BackendStatus("reference", True, "pure torch, any device", None)
@@ -27,8 +25,10 @@ def pack_mask(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     kept = values.reshape(-1).to(acc).abs() > threshold.to(acc)
     bits = torch.zeros(packed_nbytes(kept.numel()) * 8, dtype=torch.uint8, device=kept.device)
     bits[: kept.numel()] = kept
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=kept.device)
-    return (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    # Bit i of a byte is element 8 * byte + i. Constants come from arange on the device,
+    # never from a host list, so no kernel here copies host data.
+    shifts = torch.arange(8, dtype=torch.uint8, device=kept.device)
+    return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -39,10 +39,9 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     differing = torch.bitwise_xor(window, current.unsqueeze(0))
-    popcount = torch.tensor(
-        [bin(byte).count("1") for byte in range(256)], dtype=torch.int64, device=window.device
-    )
-    return popcount[differing.long()].sum(dim=1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=window.device)
+    bits = (differing.unsqueeze(-1) >> shifts) & 1
+    return bits.sum(dim=(1, 2), dtype=torch.int64)
 
 
 def masked_sgd_step_(

@@ -7,7 +7,6 @@ masks as the paper, or structured channel removal). Retrain: plain SGD for
 so a caller can persist results of finished epochs if the run is interrupted.
 """
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -17,6 +16,7 @@ from worm_fast import prune
 from worm_fast.data import load_dataset, make_loader
 from worm_fast.models import build_model
 from worm_fast.optim import WormSGD
+from worm_fast.profiling import PhaseProfiler, mask_check_cost, model_flops, optimizer_step_cost
 from worm_fast.search import EarlyBirdSearch
 from worm_fast.train import evaluate, train_epoch
 
@@ -50,6 +50,8 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
+    carbon_intensity: float | None = None  # g CO2eq/kWh; with pue, emissions are reported
+    pue: float | None = None
 
     def __post_init__(self) -> None:
         if self.prune not in PRUNE_METHODS:
@@ -65,6 +67,7 @@ class RunResult:
     rows: list[dict] = field(default_factory=list)  # one per epoch (and one for pruning)
     metrics: dict = field(default_factory=dict)
     status: str = "running"  # running | complete | interrupted
+    profile: dict = field(default_factory=dict)  # PhaseProfiler.to_dict()
 
 
 def _restore_epochs(pre: float, pruned: float, retrain_accuracies: list[float]) -> int | None:
@@ -110,6 +113,10 @@ def run(
             backend=config.backend,
         )  # fmt: skip
 
+    profiler = PhaseProfiler(device, carbon_intensity=config.carbon_intensity, pue=config.pue)
+    costs = _Costs(model, test_set[0][0], config, train_samples=len(train_set),
+                   test_samples=len(test_set))  # fmt: skip
+
     # -- search ---------------------------------------------------------------------
     optimizer = sgd(model.parameters())
     search = EarlyBirdSearch(
@@ -118,87 +125,129 @@ def run(
         trigger_margin=config.trigger_margin, truncation=config.truncation,
         scope=config.scope, backend=None if config.backend == "auto" else config.backend,
     )  # fmt: skip
-    search_start = time.perf_counter()
+    masked_numel = sum(p.numel() for p in search.params.values())
     accuracy = None
-    for epoch in range(1, config.max_epochs + 1):
-        trained = train_epoch(
-            model, train_loader, optimizer, device=device, progress=progress,
-            description=f"{config.mode} search epoch {epoch}",
-        )  # fmt: skip
-        accuracy = evaluate(model, test_loader, device=device)
-        record = search.check()
-        result.rows.append(
-            dict(
-                phase="search", epoch=epoch, loss=trained.loss,
-                train_accuracy=trained.accuracy, test_accuracy=accuracy,
-                d_max=record.d_max, d_avg=record.d_avg, r=record.r,
-                triggered=record.triggered, converged=record.converged,
-                seconds=trained.seconds, steps=trained.steps,
-                batch_losses=trained.batch_losses,
-            )
-        )  # fmt: skip
-        notify(result)
-        if record.converged:
-            break
-    search_seconds = time.perf_counter() - search_start
-    pre_pruned = accuracy
+    try:
+        for epoch in range(1, config.max_epochs + 1):
+            with profiler.phase("search"):
+                truncating = optimizer.truncation < 1.0
+                trained = train_epoch(
+                    model, train_loader, optimizer, device=device, progress=progress,
+                    description=f"{config.mode} search epoch {epoch}",
+                )  # fmt: skip
+                accuracy = evaluate(model, test_loader, device=device)
+                record = search.check()
+                costs.count_epoch(profiler, model, trained.steps,
+                                  masked_numel if truncating else 0)  # fmt: skip
+                profiler.add_work(mask_ops=mask_check_cost(masked_numel, window=config.window))
+            result.rows.append(
+                dict(
+                    phase="search", epoch=epoch, loss=trained.loss,
+                    train_accuracy=trained.accuracy, test_accuracy=accuracy,
+                    d_max=record.d_max, d_avg=record.d_avg, r=record.r,
+                    triggered=record.triggered, converged=record.converged,
+                    seconds=trained.seconds, steps=trained.steps,
+                    batch_losses=trained.batch_losses,
+                )
+            )  # fmt: skip
+            _publish(result, profiler, notify)
+            if record.converged:
+                break
+        pre_pruned = accuracy
 
-    # -- prune ----------------------------------------------------------------------
-    # A search that never converged is pruned with its last mask, and says so.
-    ticket_masks = search.candidate().bool_masks()
-    prune_start = time.perf_counter()
-    params_before = sum(p.numel() for p in model.parameters())
-    if config.prune == "structured":
-        example = test_set[0][0].unsqueeze(0).to(device)
-        pruned = prune.prune_channels(model, ticket_masks, example)
-        model, params_after = pruned.model, pruned.params_after
-    else:
-        prune.apply_unstructured(model, ticket_masks)
-        params_after = params_before - sum(int((~m).sum()) for m in ticket_masks.values())
-    pruned_accuracy = evaluate(model, test_loader, device=device)
-    prune_seconds = time.perf_counter() - prune_start
-    result.rows.append(
-        dict(phase="prune", epoch=0, test_accuracy=pruned_accuracy, seconds=prune_seconds)
-    )
-    notify(result)
+        # -- prune --------------------------------------------------------------------
+        # A search that never converged is pruned with its last mask, and says so.
+        ticket_masks = search.candidate().bool_masks()
+        params_before = sum(p.numel() for p in model.parameters())
+        with profiler.phase("prune"):
+            if config.prune == "structured":
+                pruned = prune.prune_channels(model, ticket_masks, costs.example)
+                model, params_after = pruned.model, pruned.params_after
+            else:
+                prune.apply_unstructured(model, ticket_masks)
+                params_after = params_before - sum(int((~m).sum()) for m in ticket_masks.values())
+            pruned_accuracy = evaluate(model, test_loader, device=device)
+            costs.count_evaluation(profiler, model)
+        result.rows.append(dict(phase="prune", epoch=0, test_accuracy=pruned_accuracy))
+        _publish(result, profiler, notify)
 
-    # -- retrain --------------------------------------------------------------------
-    optimizer = sgd(model.parameters())
-    retrain_start = time.perf_counter()
-    retrain_accuracies = []
-    for epoch in range(1, config.retrain_epochs + 1):
-        trained = train_epoch(
-            model, train_loader, optimizer, device=device, progress=progress,
-            description=f"{config.mode} retrain epoch {epoch}",
-        )  # fmt: skip
-        retrain_accuracies.append(evaluate(model, test_loader, device=device))
-        result.rows.append(
-            dict(
-                phase="retrain", epoch=epoch, loss=trained.loss,
-                train_accuracy=trained.accuracy, test_accuracy=retrain_accuracies[-1],
-                seconds=trained.seconds, steps=trained.steps,
-                batch_losses=trained.batch_losses,
-            )
-        )  # fmt: skip
-        notify(result)
-    retrain_seconds = time.perf_counter() - retrain_start
+        # -- retrain ------------------------------------------------------------------
+        optimizer = sgd(model.parameters())
+        retrain_accuracies = []
+        for epoch in range(1, config.retrain_epochs + 1):
+            with profiler.phase("retrain"):
+                trained = train_epoch(
+                    model, train_loader, optimizer, device=device, progress=progress,
+                    description=f"{config.mode} retrain epoch {epoch}",
+                )  # fmt: skip
+                retrain_accuracies.append(evaluate(model, test_loader, device=device))
+                costs.count_epoch(profiler, model, trained.steps, 0)
+            result.rows.append(
+                dict(
+                    phase="retrain", epoch=epoch, loss=trained.loss,
+                    train_accuracy=trained.accuracy, test_accuracy=retrain_accuracies[-1],
+                    seconds=trained.seconds, steps=trained.steps,
+                    batch_losses=trained.batch_losses,
+                )
+            )  # fmt: skip
+            _publish(result, profiler, notify)
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        _publish(result, profiler, notify)
+        raise
 
-    search_epochs = len([row for row in result.rows if row["phase"] == "search"])
+    seconds = {row.phase: row.duration for row in profiler.report()}
     result.metrics = dict(
         converged=search.converged,
-        search_epochs=search_epochs,
+        search_epochs=len([row for row in result.rows if row["phase"] == "search"]),
         trigger_epoch=search.triggered_at,
         pre_pruned_accuracy=pre_pruned,
         pruned_accuracy=pruned_accuracy,
         retrain_accuracy_1=retrain_accuracies[0] if retrain_accuracies else None,
         restore_90_epochs=_restore_epochs(pre_pruned, pruned_accuracy, retrain_accuracies),
-        search_seconds=search_seconds,
-        prune_seconds=prune_seconds,
-        retrain_seconds=retrain_seconds,
-        total_seconds=search_seconds + prune_seconds + retrain_seconds,
+        search_seconds=seconds["search"],
+        prune_seconds=seconds["prune"],
+        retrain_seconds=seconds.get("retrain", 0.0),
+        total_seconds=seconds["total"],
         params_before=params_before,
         params_after=params_after,
+        ticket_density=search.candidate().density,
     )
     result.status = "complete"
-    notify(result)
+    _publish(result, profiler, notify)
     return result
+
+
+def _publish(result: RunResult, profiler: PhaseProfiler, notify) -> None:
+    result.profile = profiler.to_dict()
+    notify(result)
+
+
+class _Costs:
+    """Model FLOPs per sample (counted once per architecture on the meta device) and
+    optimizer costs, added to the profiler per epoch."""
+
+    def __init__(self, model, sample, config: RunConfig, *, train_samples, test_samples):
+        self.example = sample.unsqueeze(0).to(config.device)
+        self.config = config
+        self.train_samples, self.test_samples = train_samples, test_samples
+
+    def _per_sample(self, model):
+        # Two samples: BatchNorm in train mode needs more than one value per channel.
+        pair = self.example.expand(2, *self.example.shape[1:])
+        count = model_flops(model, pair)
+        return count.train_step // 2, count.forward // 2
+
+    def count_epoch(self, profiler, model, steps: int, masked_numel: int) -> None:
+        train, _ = self._per_sample(model)
+        step_cost = optimizer_step_cost(
+            model.parameters(), momentum=self.config.momentum, masked_numel=masked_numel,
+            weight_decay=self.config.weight_decay,
+        )  # fmt: skip
+        profiler.add_steps(steps, optimizer_per_step=step_cost)
+        profiler.add_work(model_flops=train * self.train_samples)
+        self.count_evaluation(profiler, model)
+
+    def count_evaluation(self, profiler, model) -> None:
+        _, forward = self._per_sample(model)
+        profiler.add_work(model_flops=forward * self.test_samples)

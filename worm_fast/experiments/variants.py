@@ -83,7 +83,9 @@ def run_variants(
     notify = on_update or (lambda _: None)
 
     def publish(entry: dict, result: RunResult) -> None:
-        entry.update(status=result.status, rows=result.rows, metrics=result.metrics)
+        entry.update(
+            status=result.status, rows=result.rows, metrics=result.metrics, profile=result.profile
+        )
         document["summary"] = summarize(document["runs"])
         notify(document)
 
