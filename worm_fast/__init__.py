@@ -2,7 +2,7 @@
 
 from worm_fast import _ops, ops
 from worm_fast.backends import available
-from worm_fast.optim import WormSGD
+from worm_fast.optim import WormAdamW, WormSGD
 
-__all__ = ["WormSGD", "_ops", "available", "ops"]
+__all__ = ["WormAdamW", "WormSGD", "_ops", "available", "ops"]
 __version__ = "0.1.0"

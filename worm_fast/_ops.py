@@ -38,6 +38,15 @@ _SCHEMAS = {
         "bool maximize, bool is_first_step, float truncation, "
         "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
     ),
+    # One fused AdamW step (decoupled weight decay); increments the float32 `state_steps`.
+    # Truncation scales the Adam update of pruned elements (see backends.reference).
+    "masked_adamw_step_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
+        "Tensor?[] masks, *, float lr, float beta1, float beta2, float weight_decay, "
+        "float eps, bool amsgrad, bool maximize, float truncation, Tensor? lr_tensor=None, "
+        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+    ),
 }
 
 for _name, _schema in _SCHEMAS.items():
@@ -61,4 +70,9 @@ def _hamming_window_fake(current, window):
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
 def _masked_sgd_step_fake(params, grads, momentum_buffers, masks, **hyperparameters):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_adamw_step_")
+def _masked_adamw_step_fake(params, grads, *states_and_masks, **hyperparameters):
     return None

@@ -16,6 +16,7 @@ packed_nbytes = _ops.packed_nbytes
 
 __all__ = [
     "hamming_window",
+    "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",
     "packed_nbytes",
@@ -96,49 +97,106 @@ def masked_sgd_step_(
     Non-contiguous parameters or buffers (e.g. channels_last weights) are updated
     through contiguous copies.
     """
-    params, grads, momentum_buffers, masks = (
-        list(params),
-        list(grads),
-        list(momentum_buffers),
-        list(masks),
-    )
-    _check_sgd_inputs(params, grads, momentum_buffers, masks, momentum, truncation)
+    _fused_step(
+        "masked_sgd_step_",
+        params,
+        grads,
+        {"momentum buffer": (momentum_buffers, momentum != 0)},
+        masks,
+        scalars=dict(
+            lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum),
+            dampening=float(dampening), nesterov=bool(nesterov), maximize=bool(maximize),
+            is_first_step=bool(is_first_step), truncation=float(truncation),
+        ),
+        tensors=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        backend=backend,
+    )  # fmt: skip
+
+
+def masked_adamw_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    weight_decay: float = 1e-2,
+    eps: float = 1e-8,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    truncation: float = 1.0,
+    lr_tensor: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """One fused AdamW step with WORM truncation, in place (formula: ``reference``).
+
+    ``state_steps`` are float32 scalar tensors on the params' device, incremented here
+    (not when ``found_inf`` is set); ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
+    """
+    _fused_step(
+        "masked_adamw_step_",
+        params,
+        grads,
+        {
+            "exp_avg": (exp_avgs, True),
+            "exp_avg_sq": (exp_avg_sqs, True),
+            "max_exp_avg_sq": (max_exp_avg_sqs, amsgrad),
+            "step": (state_steps, True),
+        },
+        masks,
+        scalars=dict(
+            lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+            weight_decay=float(weight_decay), eps=float(eps), amsgrad=bool(amsgrad),
+            maximize=bool(maximize), truncation=float(truncation),
+        ),
+        tensors=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        backend=backend,
+    )  # fmt: skip
+
+
+def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend) -> None:
+    """Validate a fused optimizer step's inputs, stage strided tensors, run the kernel.
+
+    ``states`` maps a state's name to (its tensors, whether the step uses it); a used
+    state has one tensor per param, an unused one none. ``"step"`` holds scalar counters.
+    """
+    params, grads, masks = list(params), list(grads), list(masks)
+    states = {name: (list(tensors_), used) for name, (tensors_, used) in states.items()}
+    _check_step_inputs(op, params, grads, states, masks, scalars["truncation"])
     if not params:
         return
     device = params[0].device
-    for name, tensor in (
-        ("lr_tensor", lr_tensor),
-        ("grad_scale", grad_scale),
-        ("found_inf", found_inf),
-    ):
+    for name, tensor in tensors.items():
         if tensor is not None and (tensor.numel() != 1 or tensor.device != device):
             raise ValueError(
-                f"masked_sgd_step_: {name} must be a 1-element tensor on {device}, "
+                f"{op}: {name} must be a 1-element tensor on {device}, "
                 f"got shape {tuple(tensor.shape)} on {tensor.device}"
             )
-    kernel = resolve(backend, device).masked_sgd_step_
+    kernel = getattr(resolve(backend, device), op)
 
     # Kernels need contiguous storage; stage any strided tensor and write it back after.
-    work_params = [p if p.is_contiguous() else p.contiguous() for p in params]
-    work_buffers = [b if b.is_contiguous() else b.contiguous() for b in momentum_buffers]
+    originals = params + [t for tensors_, _ in states.values() for t in tensors_]
+    staged = [t if t.is_contiguous() else t.contiguous() for t in originals]
+    staged_states, at = [], len(params)
+    for tensors_, _ in states.values():
+        staged_states.append(staged[at : at + len(tensors_)])
+        at += len(tensors_)
     kernel(
-        work_params,
+        staged[: len(params)],
         [g.contiguous() for g in grads],
-        work_buffers,
+        *staged_states,
         masks,
-        lr=float(lr),
-        weight_decay=float(weight_decay),
-        momentum=float(momentum),
-        dampening=float(dampening),
-        nesterov=bool(nesterov),
-        maximize=bool(maximize),
-        is_first_step=bool(is_first_step),
-        truncation=float(truncation),
-        lr_tensor=None if lr_tensor is None else lr_tensor.reshape(1),
-        grad_scale=None if grad_scale is None else grad_scale.reshape(1),
-        found_inf=None if found_inf is None else found_inf.reshape(1),
+        **scalars,
+        **{name: None if t is None else t.reshape(1) for name, t in tensors.items()},
     )
-    for original, work in zip(params + momentum_buffers, work_params + work_buffers):
+    for original, work in zip(originals, staged):
         if work is not original:
             original.copy_(work)
 
@@ -152,50 +210,48 @@ def _check_packed(packed: torch.Tensor, numel: int, what: str) -> None:
         )
 
 
-def _check_sgd_inputs(params, grads, momentum_buffers, masks, momentum, truncation):
+def _check_step_inputs(op, params, grads, states, masks, truncation):
     if not 0.0 <= truncation <= 1.0:
-        raise ValueError(f"masked_sgd_step_: truncation must be in [0, 1], got {truncation}")
+        raise ValueError(f"{op}: truncation must be in [0, 1], got {truncation}")
     if len(grads) != len(params):
-        raise ValueError(f"masked_sgd_step_: {len(params)} params but {len(grads)} grads")
-    expected_buffers = len(params) if momentum != 0 else 0
-    if len(momentum_buffers) != expected_buffers:
-        raise ValueError(
-            f"masked_sgd_step_: expected {expected_buffers} momentum buffers "
-            f"(momentum={momentum}), got {len(momentum_buffers)}"
-        )
+        raise ValueError(f"{op}: {len(params)} params but {len(grads)} grads")
+    for name, (tensors, used) in states.items():
+        expected = len(params) if used else 0
+        if len(tensors) != expected:
+            raise ValueError(f"{op}: expected {expected} {name} tensors, got {len(tensors)}")
     if masks and len(masks) != len(params):
         raise ValueError(
-            f"masked_sgd_step_: masks must be empty or one per param ({len(params)}), "
-            f"got {len(masks)}"
+            f"{op}: masks must be empty or one per param ({len(params)}), got {len(masks)}"
         )
     device = params[0].device if params else None
     for i, (param, grad) in enumerate(zip(params, grads)):
         if not param.is_floating_point():
-            raise TypeError(
-                f"masked_sgd_step_: param {i} must be floating point, got {param.dtype}"
-            )
+            raise TypeError(f"{op}: param {i} must be floating point, got {param.dtype}")
         if grad.is_sparse or param.is_sparse:
-            raise RuntimeError(f"masked_sgd_step_: param {i} has a sparse gradient; not supported")
-        if grad.shape != param.shape or grad.dtype != param.dtype:
-            raise ValueError(
-                f"masked_sgd_step_: grad {i} is {grad.dtype}{tuple(grad.shape)}, "
-                f"param is {param.dtype}{tuple(param.shape)}"
-            )
+            raise RuntimeError(f"{op}: param {i} has a sparse gradient; not supported")
         others = [("grad", grad)]
-        if momentum_buffers:
-            buf = momentum_buffers[i]
-            if buf.shape != param.shape or buf.dtype != param.dtype:
-                raise ValueError(
-                    f"masked_sgd_step_: momentum buffer {i} is {buf.dtype}{tuple(buf.shape)}, "
-                    f"param is {param.dtype}{tuple(param.shape)}"
-                )
-            others.append(("momentum buffer", buf))
+        for name, (tensors, used) in states.items():
+            if used:
+                others.append((name, tensors[i]))
         if masks and masks[i] is not None:
-            _check_packed(masks[i], param.numel(), f"masked_sgd_step_: mask {i}")
+            _check_packed(masks[i], param.numel(), f"{op}: mask {i}")
             others.append(("mask", masks[i]))
         for what, tensor in [("param", param), *others]:
             if tensor.device != device:
                 raise ValueError(
-                    f"masked_sgd_step_: {what} {i} is on {tensor.device}, expected {device} "
+                    f"{op}: {what} {i} is on {tensor.device}, expected {device} "
                     "(one call per device)"
+                )
+            if what == "step":
+                if tensor.numel() != 1 or tensor.dtype != torch.float32:
+                    raise ValueError(
+                        f"{op}: step {i} must be a float32 scalar tensor, got "
+                        f"{tensor.dtype}{tuple(tensor.shape)}"
+                    )
+            elif what not in ("param", "mask") and (
+                tensor.shape != param.shape or tensor.dtype != param.dtype
+            ):
+                raise ValueError(
+                    f"{op}: {what} {i} is {tensor.dtype}{tuple(tensor.shape)}, "
+                    f"param is {param.dtype}{tuple(param.shape)}"
                 )

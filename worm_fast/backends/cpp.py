@@ -15,7 +15,7 @@ try:
 except ImportError as error:  # the package still works on the reference backend
     LOAD_ERROR = f"worm_fast._C is not built ({error}); build it with `pip install -e .`"
 
-_OPS = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_")
+_OPS = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_")
 
 
 def has_kernels(dispatch_key: str) -> bool:
@@ -36,3 +36,4 @@ pack_mask = torch.ops.worm_fast.pack_mask
 unpack_mask = torch.ops.worm_fast.unpack_mask
 hamming_window = torch.ops.worm_fast.hamming_window
 masked_sgd_step_ = torch.ops.worm_fast.masked_sgd_step_
+masked_adamw_step_ = torch.ops.worm_fast.masked_adamw_step_

@@ -1,9 +1,22 @@
 """CUDA kernels of ``worm_fast._C``, present when the extension was built with a toolkit."""
 
 from worm_fast.backends import BackendStatus, cpp
-from worm_fast.backends.cpp import hamming_window, masked_sgd_step_, pack_mask, unpack_mask
+from worm_fast.backends.cpp import (
+    hamming_window,
+    masked_adamw_step_,
+    masked_sgd_step_,
+    pack_mask,
+    unpack_mask,
+)
 
-__all__ = ["hamming_window", "masked_sgd_step_", "pack_mask", "status", "unpack_mask"]
+__all__ = [
+    "hamming_window",
+    "masked_adamw_step_",
+    "masked_sgd_step_",
+    "pack_mask",
+    "status",
+    "unpack_mask",
+]
 
 
 def status() -> BackendStatus:

@@ -101,5 +101,73 @@ def masked_sgd_step_(
             momentum_buffers[i].copy_(new_buf)
 
 
-for _name in ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_"):
+def masked_adamw_step_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    masks,
+    *,
+    lr,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    amsgrad,
+    maximize,
+    truncation,
+    lr_tensor=None,
+    grad_scale=None,
+    found_inf=None,
+):
+    """torch.optim.AdamW's update, with the Adam step of pruned elements scaled:
+
+    t = t + 1;  g = grad / grad_scale;  g = -g if maximize;  p = p * (1 - lr * wd)
+    m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g^2
+    v_max = max(v_max, v) (amsgrad);  denom = sqrt(v or v_max) / sqrt(1 - beta2^t) + eps
+    p = p - lr / (1 - beta1^t) * (kept ? 1 : truncation) * m / denom
+
+    Adam divides by the gradient's running scale, so scaling the raw gradient by r
+    would be undone once v adapts; scaling the update keeps pruned elements learning r
+    times slower, which is what WORM's truncation asks of SGD too. Weight decay is not
+    truncated. A step with ``found_inf != 0`` changes nothing, the step count included.
+    """
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        acc = compute_dtype(param.dtype)
+        p = param.to(acc)
+        g = grad.to(acc)
+        if grad_scale is not None:
+            g = g / grad_scale.to(acc)
+        if maximize:
+            g = -g
+        step = state_steps[i] + 1
+        step_lr = lr_tensor.to(acc) if lr_tensor is not None else lr
+        p = p * (1 - step_lr * weight_decay)
+        m = exp_avgs[i].to(acc).lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].to(acc) * beta2 + (1 - beta2) * g * g
+        v_max = torch.maximum(max_exp_avg_sqs[i].to(acc), v) if amsgrad else v
+        bias_correction1 = 1 - beta1 ** step.to(acc)
+        bias_correction2_sqrt = (1 - beta2 ** step.to(acc)).sqrt()
+        update = m / (v_max.sqrt() / bias_correction2_sqrt + eps)
+        if masks and masks[i] is not None:
+            kept = unpack_mask(masks[i], param.numel()).view_as(param)
+            update = torch.where(kept, update, update * truncation)
+        new = {"p": p - step_lr / bias_correction1 * update, "m": m, "v": v, "v_max": v_max}
+
+        targets = {"p": param, "m": exp_avgs[i], "v": exp_avg_sqs[i], "step": state_steps[i]}
+        if amsgrad:
+            targets["v_max"] = max_exp_avg_sqs[i]
+        new["step"] = step
+        for key, target in targets.items():
+            value = new[key]
+            if found_inf is not None:  # select, so the reference never syncs with the host
+                value = torch.where(found_inf.reshape(()).bool(), target.to(value.dtype), value)
+            target.copy_(value)
+
+
+for _name in (
+    "pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_",
+):  # fmt: skip
     torch.library.impl(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd", globals()[_name])

@@ -1,0 +1,154 @@
+"""WormAdamW against torch.optim.AdamW (no mask) and an independent truncation oracle."""
+
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+
+from tests.optim.test_sgd import fill_grads, make_params, random_masks, run
+from tests.utils import ODD_SIZES, VS_TORCH_HALF_TOLERANCES, assert_close
+from worm_fast import WormAdamW
+
+BACKENDS = ("reference", "cpp", "triton")
+HYPERPARAMETERS = [
+    dict(weight_decay=wd, amsgrad=ams, maximize=mx)
+    for wd, ams, mx in itertools.product((0.0, 1e-2), (False, True), (False, True))
+]
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def assert_same_adam_state(opt, ours, ref, theirs, what, **tol):
+    for i, (a, e) in enumerate(zip(ours, theirs)):
+        assert_close(a.detach(), e.detach().to(a.dtype), what=f"{what}: param {i}", **tol)
+        for key in STATE_KEYS:
+            assert (key in opt.state[a]) == (key in ref.state[e]), f"{what}: {key} presence"
+            if key in ref.state[e]:
+                expected = ref.state[e][key].to(a.dtype)
+                assert_close(opt.state[a][key], expected, what=f"{what}: {key} {i}", **tol)
+        assert float(opt.state[a]["step"]) == float(ref.state[e]["step"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hp", HYPERPARAMETERS, ids=lambda hp: "-".join(map(str, hp.values())))
+def test_matches_torch_adamw_without_mask(backend, hp):
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    for dtype in dtypes if backend != "triton" else (torch.float32, torch.bfloat16):
+        ours = make_params(ODD_SIZES, dtype)
+        # fp16 AdamW in torch overflows (eps = 1e-8 is 0 in fp16): compare fp16 with fp32.
+        theirs = make_params(ODD_SIZES, torch.float32 if dtype == torch.float16 else dtype)
+        opt = WormAdamW(ours, lr=0.01, backend=backend, **hp)
+        ref = torch.optim.AdamW(theirs, lr=0.01, foreach=False, **hp)
+        run(opt, ours, steps=3)
+        run(ref, theirs, steps=3)
+        tol = VS_TORCH_HALF_TOLERANCES.get(dtype, {})
+        assert_same_adam_state(opt, ours, ref, theirs, f"{backend} {dtype} {hp}", **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("density", (0.0, 1.0, 0.37))
+def test_truncation_scales_the_adam_update(backend, density):
+    """Gradients do not depend on the weights here, so the moments, and so each step's
+    AdamW update u_t, are the same as torch's; truncation scales u_t of pruned elements:
+    p_t = p_{t-1} (1 - lr wd) + (m + r (1 - m)) u_t."""
+    r, lr, wd = 3e-3, 0.01, 1e-2
+    ours, theirs = make_params(ODD_SIZES, torch.float64), make_params(ODD_SIZES, torch.float64)
+    if backend == "triton":
+        ours, theirs = make_params((65, 7), torch.float32), make_params((65, 7), torch.float32)
+    masks = random_masks(ours, density)
+    opt = WormAdamW(ours, lr=lr, weight_decay=wd, backend=backend)
+    opt.set_truncation(masks, r)
+    ref = torch.optim.AdamW(theirs, lr=lr, weight_decay=wd)
+    expected = [p.detach().clone() for p in ours]
+    for step in range(4):
+        fill_grads(ours, step)
+        fill_grads(theirs, step)
+        before = [q.detach().clone() for q in theirs]
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            update = q.detach() - before[i] * (1 - lr * wd)
+            factor = torch.full_like(update, r).masked_fill_(masks[p], 1.0)
+            expected[i] = expected[i] * (1 - lr * wd) + factor * update
+    for i, p in enumerate(ours):
+        assert_close(p.detach(), expected[i], what=f"param {i}")
+
+
+def test_state_dict_resume_gives_identical_trajectory():
+    hp = dict(lr=0.01, weight_decay=1e-2, amsgrad=True)
+    straight = make_params((63, 4097), torch.float32)
+    opt = WormAdamW(straight, **hp)
+    opt.set_truncation(random_masks(straight, 0.5), 3e-3)
+    run(opt, straight, steps=6)
+
+    resumed = make_params((63, 4097), torch.float32)
+    first = WormAdamW(resumed, **hp)
+    first.set_truncation(random_masks(resumed, 0.5), 3e-3)
+    for step in range(3):
+        fill_grads(resumed, step)
+        first.step()
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in resumed], "opt": first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    fresh = [torch.nn.Parameter(p) for p in saved["params"]]
+    second = WormAdamW(fresh, **hp)
+    second.load_state_dict(saved["opt"])
+    for step in range(3, 6):
+        fill_grads(fresh, step)
+        second.step()
+    for a, e in zip(fresh, straight):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_torch_adamw_state_dict_loads_both_ways():
+    ours, theirs = make_params((7, 65), torch.float32), make_params((7, 65), torch.float32)
+    ref = torch.optim.AdamW(theirs, lr=0.01)
+    run(ref, theirs, steps=2)
+    opt = WormAdamW(ours, lr=0.01)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    with torch.no_grad():
+        for p, q in zip(ours, theirs):
+            p.copy_(q)
+    back = torch.optim.AdamW(make_params((7, 65), torch.float32), lr=0.01)
+    back.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run(opt, ours, steps=2, seed=1)
+    run(ref, theirs, steps=2, seed=1)
+    assert_same_adam_state(opt, ours, ref, theirs, "after loading torch AdamW state")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_skips_inf_steps_and_their_step_count(backend):
+    ours, theirs = make_params((65,), torch.float32), make_params((65,), torch.float32)
+    opt = WormAdamW(ours, lr=0.01, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        coefficients = torch.randn(65, generator=generator)
+        if step == 1:
+            coefficients[3] = float("inf")
+        opt.zero_grad()
+        scaler.scale((ours[0] * coefficients).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        if step != 1:
+            theirs[0].grad = coefficients.clone()
+            ref.step()
+    assert_same_adam_state(opt, ours, ref, theirs, f"{backend} with GradScaler")
+
+
+def test_bad_truncation_input_leaves_state_unchanged():
+    params = make_params((65,), torch.float32)
+    opt = WormAdamW(params, lr=0.01)
+    run(opt, params, steps=1)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="packed uint8 mask of 16 bytes"):
+        opt.set_truncation({params[0]: torch.zeros(3, dtype=torch.uint8)}, 0.1)
+    with pytest.raises(ValueError, match=r"r must be in \[0, 1\]"):
+        opt.set_truncation({}, 2.0)
+    after = opt.state_dict()
+    assert after["worm_truncation"] == before["worm_truncation"]
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(after["state"][0][key], before["state"][0][key])

@@ -1,0 +1,116 @@
+"""WormAdamW: ``torch.optim.AdamW`` with WORM truncation fused into its step."""
+
+from collections import defaultdict
+
+import torch
+
+from worm_fast import ops
+from worm_fast.optim.base import TruncatingOptimizer, lr_arguments
+
+
+class WormAdamW(TruncatingOptimizer):
+    r"""AdamW with WORM's masked update scaling (truncation).
+
+    A drop-in ``torch.optim.AdamW``: same arguments, param groups, state keys
+    (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and ``state_dict``; with
+    no mask it matches AdamW step for step. With a truncation mask set through
+    :meth:`set_truncation`, the Adam update of every pruned element is scaled by ``r``:
+
+    .. math::
+        \theta_t \leftarrow \theta_{t-1}(1 - \gamma\lambda)
+            - \frac{\gamma}{1 - \beta_1^t}\,(m + r(1 - m_{\text{mask}}))\,
+              \frac{m_t}{\sqrt{\hat v_t} + \epsilon}
+
+    Unlike SGD, scaling AdamW's *gradient* would be undone once the second moment
+    adapts to the smaller gradients (the update is normalized by their running RMS),
+    so WormAdamW scales the update instead: pruned elements learn ``r`` times slower,
+    as under WormSGD. Decoupled weight decay is not truncated. The moments see the raw
+    gradient, so they are current when truncation stops.
+
+    ``state["step"]`` lives on the parameter's device (as with ``fused=True``), so the
+    step never syncs with the host; GradScaler steps with an inf change nothing,
+    including the step count.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize,
+        )  # fmt: skip
+        super().__init__(params, defaults, backend)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step (``closure`` re-evaluates the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            amsgrad = group["amsgrad"]
+            # One fused call per (device, dtype): kernels take one device and dtype.
+            batches = defaultdict(lambda: ([], [], [], [], [], [], []))
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("WormAdamW does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+                        state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                batch = batches[(param.device, param.dtype)]
+                batch[0].append(param)
+                batch[1].append(param.grad)
+                batch[2].append(state["exp_avg"])
+                batch[3].append(state["exp_avg_sq"])
+                if amsgrad:
+                    batch[4].append(state["max_exp_avg_sq"])
+                batch[5].append(state["step"])
+                batch[6].append(self._masks.get(param))
+
+            beta1, beta2 = group["betas"]
+            for (device, _), (params, grads, m, v, v_max, steps, masks) in batches.items():
+                ops.masked_adamw_step_(
+                    params, grads, m, v, v_max, steps,
+                    masks if any(mask is not None for mask in masks) else [],
+                    **lr_arguments(group["lr"], device),
+                    beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                    eps=group["eps"], amsgrad=amsgrad, maximize=group["maximize"],
+                    truncation=self.truncation, **self._amp_tensors(device),
+                    backend=self.backend,
+                )  # fmt: skip
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a state dict (also torch.optim.AdamW's, whose steps live on the CPU)."""
+        super().load_state_dict(state_dict)
+        for param, state in self.state.items():
+            if "step" in state:
+                step = state["step"]
+                step = torch.as_tensor(step, dtype=torch.float32)
+                state["step"] = step.to(param.device).reshape(())
