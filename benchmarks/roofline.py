@@ -1,0 +1,68 @@
+"""The memory-bandwidth roofline: our own STREAM-style kernels (``stream.cpp``).
+
+copy (c = a) and triad (a = b + s c) as in STREAM, with non-temporal stores, and update
+(b = s b + c; a += s b, in place): the read/write mix of an SGD step with momentum. The
+roofline is the fastest of the three: the bandwidth the memory system demonstrably
+delivers. Byte counts are STREAM's (elements read + written, no write-allocate reads,
+which none of the kernels incurs): copy 8 per element, triad 12, update 20.
+
+Compiled at bench time (``torch.utils.cpp_extension``, rebuilt only when the source or
+flags change) and run on as many threads as torch's CPU kernels get.
+"""
+
+import ctypes
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from benchmarks.timing import Timing, measure
+
+_SOURCE = Path(__file__).with_name("stream.cpp")
+_NAME = "worm_bench_stream"
+BYTES_PER_ELEMENT = {"copy": 8, "triad": 12, "update": 20}
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    build = Path(tempfile.gettempdir()) / _NAME
+    build.mkdir(exist_ok=True)
+    cpp_extension.load(
+        name=_NAME,
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", "-march=native"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        is_python_module=False,
+    )
+    lib = ctypes.CDLL(str(build / f"{_NAME}.so"))
+    ptr, n, threads, scalar = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.stream_init.argtypes = [ptr, ptr, ptr, n, threads]
+    lib.stream_copy.argtypes = [ptr, ptr, n, threads]
+    lib.stream_triad.argtypes = [ptr, ptr, ptr, scalar, n, threads]
+    lib.stream_update.argtypes = [ptr, ptr, ptr, scalar, n, threads]
+    return lib
+
+
+def stream(numel: int, *, warmup: int, reps: int, budget_s: float | None) -> dict[str, Timing]:
+    """Time every kernel over three float32 arrays of ``numel`` elements."""
+    lib = _library()
+    threads = torch.get_num_threads()
+    # torch.empty leaves the pages untouched, so stream_init places them (first touch).
+    a, b, c = (torch.empty(numel, dtype=torch.float32) for _ in range(3))
+    pa, pb, pc = (t.data_ptr() for t in (a, b, c))
+    lib.stream_init(pa, pb, pc, numel, threads)
+    return measure(
+        {
+            "copy": lambda: lib.stream_copy(pc, pa, numel, threads),
+            "triad": lambda: lib.stream_triad(pa, pb, pc, 3.0, numel, threads),
+            # Scale 0.5 keeps b bounded (b -> 2c) over the repetitions.
+            "update": lambda: lib.stream_update(pa, pb, pc, 0.5, numel, threads),
+        },
+        device=torch.device("cpu"),
+        warmup=warmup,
+        reps=reps,
+        budget_s=budget_s,
+    )

@@ -1,0 +1,254 @@
+"""Run every benchmark: ``python -m benchmarks.run [--quick] [--out DIR] [--device cpu]``.
+
+Measures, in one process: the STREAM roofline (CPU), one SGD step on each parameter set
+for WormSGD and torch SGD, and mask distances. Prints a table and the issue's targets
+(reported, never asserted: benchmarks are not tests) and writes ``results.json`` and
+``results.csv`` to ``--out``.
+"""
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_hamming, bench_sgd, param_sets, results, roofline
+from benchmarks.timing import Timing
+from worm_fast import backends
+
+# Masks, as in the Early-Bird search: window of 5, one bit per element of a 16M model.
+HAMMING_WINDOW = 5
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Settings:
+    stream_numel: int
+    hamming_bits: int
+    warmup: int
+    reps: int
+    reference_reps: int
+    budget_s: float | None  # per group of interleaved providers (see timing.measure)
+
+
+def stream_numel() -> int:
+    """Floats per STREAM array: at least 64M, and twice the last-level cache, so that
+    no array (let alone the three) fits in any cache."""
+    largest = 0
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": GIB}.get(text[-1], 1)
+        largest = max(largest, int(text.rstrip("KMG")) * scale)
+    return max(64 << 20, 2 * largest // 4)
+
+
+def settings(quick: bool) -> Settings:
+    if quick:
+        return Settings(1 << 20, 1 << 16, warmup=1, reps=3, reference_reps=1, budget_s=None)
+    return Settings(stream_numel(), 1 << 24, warmup=2, reps=15, reference_reps=3, budget_s=30)
+
+
+class Recorder:
+    """Builds result rows with the run's device and machine information."""
+
+    def __init__(self, device: torch.device, info: dict) -> None:
+        self.rows: list[results.Row] = []
+        self.roofline_gbps: float | None = None
+        self.common = dict(
+            device=str(device),
+            cpu=info["cpu"],
+            threads=info["threads"],
+            torch=info["torch"],
+            date=info["date"],
+        )
+
+    def add(
+        self,
+        benchmark: str,
+        provider: str,
+        param_set: str,
+        timing: Timing,
+        *,
+        numel: int,
+        nbytes: int,
+        **extra,
+    ) -> results.Row:
+        gbps = nbytes / timing.median / 1e9
+        fraction = None if self.roofline_gbps is None else gbps / self.roofline_gbps
+        row = results.Row(
+            benchmark=benchmark,
+            provider=provider,
+            param_set=param_set,
+            numel=numel,
+            median_ms=timing.median * 1e3,
+            p20_ms=timing.p20 * 1e3,
+            p80_ms=timing.p80 * 1e3,
+            reps=timing.reps,
+            bytes=nbytes,
+            gbps=gbps,
+            roofline_fraction=fraction,
+            **extra,
+            **self.common,
+        )
+        self.rows.append(row)
+        return row
+
+
+def bench_stream(rec: Recorder, numel: int, config: Settings) -> None:
+    timings = roofline.stream(
+        numel, warmup=config.warmup, reps=config.reps, budget_s=config.budget_s
+    )
+    label = f"3 x {numel / (1 << 20):.0f}M floats"
+    for name, timing in timings.items():
+        nbytes = roofline.BYTES_PER_ELEMENT[name] * numel
+        rec.add("stream", name, label, timing, numel=numel, nbytes=nbytes)
+    # The fastest kernel: what the memory system demonstrably delivers (roofline.py).
+    rec.roofline_gbps = max(row.gbps for row in rec.rows)
+    for row in rec.rows:
+        row.roofline_fraction = row.gbps / rec.roofline_gbps
+
+
+def bench_step(rec: Recorder, name: str, shapes, device: torch.device, config: Settings) -> None:
+    case, found, timings = bench_sgd.run(
+        shapes,
+        device,
+        warmup=config.warmup,
+        reps=config.reps,
+        reference_reps=config.reference_reps,
+        budget_s=config.budget_s,
+    )
+    print(f"  {name}: {bench_sgd.describe(case)}", flush=True)
+    fused = timings[bench_sgd.FUSED].median
+    mask_mul = timings[bench_sgd.MASK_MUL].median
+    for provider, timing in timings.items():
+        rec.add(
+            "sgd_step",
+            provider,
+            name,
+            timing,
+            numel=case.numel,
+            nbytes=bench_sgd.step_bytes(case, found[provider].truncates),
+            vs_fused_sgd=fused / timing.median,
+            vs_mask_mul=mask_mul / timing.median,
+            note="truncates" if found[provider].truncates else "",
+        )
+
+
+def bench_masks(rec: Recorder, bits: int, device: torch.device, config: Settings) -> None:
+    fast = bench_sgd.fast_backend(device)
+    names = [fast, "reference"] if fast else ["reference"]
+    read, timings = bench_hamming.run(
+        bits,
+        HAMMING_WINDOW,
+        device,
+        names,
+        warmup=config.warmup,
+        reps=config.reps,
+        budget_s=config.budget_s,
+    )
+    bool_time = timings[bench_hamming.EARLY_BIRD_BOOL].median
+    label = f"{HAMMING_WINDOW} x {bits / (1 << 20):.0f}M bits"
+    for provider, timing in timings.items():
+        rec.add(
+            "hamming_window",
+            provider,
+            label,
+            timing,
+            numel=bits,
+            nbytes=read[provider],
+            vs_bool_ne_sum=bool_time / timing.median,
+        )
+
+
+def targets(rec: Recorder, device: torch.device) -> list[dict]:
+    """The issue's targets, each with the value measured and whether it is met."""
+    fast = bench_sgd.fast_backend(device)
+    if fast is None:
+        return [{"target": "WormSGD targets", "met": None, "note": "no compiled backend"}]
+    ours = bench_sgd.OURS.format(backend=fast)
+    found = []
+
+    def check(target: str, param_set: str, value: float | None, threshold: float) -> None:
+        met = None if value is None else value >= threshold
+        found.append(
+            {
+                "target": target,
+                "param_set": param_set,
+                "value": value,
+                "threshold": threshold,
+                "met": met,
+            }
+        )
+
+    for row in rec.rows:
+        if row.benchmark == "sgd_step" and row.provider == ours:
+            check(
+                "time vs fused torch SGD (speedup >= 1/1.05)",
+                row.param_set,
+                row.vs_fused_sgd,
+                1 / 1.05,
+            )
+            check("speedup vs torch SGD + _foreach_mul_", row.param_set, row.vs_mask_mul, 1.5)
+            if row.param_set.startswith("tensor-"):
+                check("fraction of the roofline", row.param_set, row.roofline_fraction, 0.85)
+        if row.benchmark == "sgd_step" and row.provider == bench_sgd.FUSED:
+            # A roofline is only one if the best torch kernel stays under it.
+            check(
+                "roofline / fused torch SGD GB/s (>= 1: a valid roofline)",
+                row.param_set,
+                None if rec.roofline_gbps is None else rec.roofline_gbps / row.gbps,
+                1.0,
+            )
+        if row.benchmark == "hamming_window" and row.provider == f"hamming_window_{fast}":
+            check(
+                "hamming_window speedup vs bool (m1 != m2).sum()",
+                row.param_set,
+                row.vs_bool_ne_sum,
+                200,
+            )
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    config = settings(args.quick)
+    info = results.machine()
+    rec = Recorder(device, info)
+    start = time.perf_counter()
+    print(f"{info['cpu']}: {info['threads']} threads, torch {info['torch']}", flush=True)
+    for name, status in backends.available().items():
+        print(f"  backend {name}: {'yes' if status.available else 'no'} ({status.reason})")
+    if info["load_average_1min"] > 0.5:
+        print(
+            f"  note: load average {info['load_average_1min']:.1f}: other processes share "
+            "the cores, expect noisy numbers"
+        )
+
+    if device.type == "cpu":  # STREAM measures host memory: no roofline for a GPU here
+        print("roofline (STREAM) ...", flush=True)
+        bench_stream(rec, config.stream_numel, config)
+    print("SGD step ...", flush=True)
+    for name, shapes in param_sets.for_run(args.quick).items():
+        bench_step(rec, name, shapes, device, config)
+    print("mask distances ...", flush=True)
+    bench_masks(rec, config.hamming_bits, device, config)
+
+    found = targets(rec, device)
+    print(results.table(rec.rows))
+    print("\ntargets (reported, not asserted):")
+    for t in found:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        value = "" if t.get("value") is None else f"{t['value']:.3f}"
+        print(f"  {verdict:<13}{t['target']} · {t.get('param_set', '')}: {value}")
+    json_path, csv_path = results.write(rec.rows, info, found, args.out)
+    print(f"\nwrote {json_path} and {csv_path} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
