@@ -66,16 +66,21 @@ def _worm_sgd(case: SgdCase, backend: str, truncate: bool) -> WormSGD:
     return opt
 
 
-def _masked_step(case: SgdCase, opt: torch.optim.SGD, foreach: bool) -> Callable[[], None]:
-    """Truncate the gradients with a float-mask multiply, then step ``opt``.
-
-    Successive calls alternate the mask m + r(1 - m) and its reciprocal: the same work,
-    but the shared gradients keep their magnitude instead of decaying to denormals,
-    which are slow and would distort every provider's timing.
-    """
-    grads = [p.grad for p in case.bool_masks]
+def _float_masks(case: SgdCase) -> list[list[torch.Tensor]]:
+    """The gradient scales m + r(1 - m) of the masked tensors, and their reciprocals."""
     scale = [m.float() + R * (~m).float() for m in case.bool_masks.values()]
-    phases = [scale, [1.0 / s for s in scale]]
+    return [scale, [1.0 / s for s in scale]]
+
+
+def _masked_step(
+    grads: list[torch.Tensor], phases: list[list[torch.Tensor]], opt: torch.optim.SGD, foreach: bool
+) -> Callable[[], None]:
+    """Truncate ``grads`` with a float-mask multiply, then step ``opt``.
+
+    Successive calls alternate the masks and their reciprocals: the same work, but the
+    shared gradients keep their magnitude instead of decaying to denormals, which are
+    slow and would distort every provider's timing.
+    """
     calls = 0
 
     def step() -> None:
@@ -107,13 +112,14 @@ def providers(case: SgdCase, device: torch.device) -> dict[str, Provider]:
         found[f"worm_sgd_{ours}"] = Provider(_worm_sgd(case, ours, False).step, False)
     found[FUSED] = Provider(_torch_sgd(case, fused=True).step, False)
     found["torch_sgd_foreach"] = Provider(_torch_sgd(case, foreach=True).step, False)
+    grads, phases = [p.grad for p in case.bool_masks], _float_masks(case)
     for name, impl, foreach in (
         (MASK_MUL, "foreach", True),
         ("torch_sgd_fused+foreach_mul", "fused", True),
         ("torch_sgd_foreach+mul_per_param", "foreach", False),
     ):
         opt = _torch_sgd(case, **{impl: True})
-        found[name] = Provider(_masked_step(case, opt, foreach), True)
+        found[name] = Provider(_masked_step(grads, phases, opt, foreach), True)
     return found
 
 
