@@ -294,6 +294,212 @@ def test_mask_ops_reject_bad_input():
         backend.pack_mask(_randn(8), _randn(2))
 
 
+# A representative subset of amsgrad x weight_decay x maximize x betas: every flag both
+# ways, and 1 - beta1 >= 0.5 for torch.lerp's second formula.
+ADAMW_CASES = {
+    "plain": dict(),
+    "wd": dict(weight_decay=1e-2),
+    "amsgrad": dict(amsgrad=True),
+    "amsgrad_wd_maximize": dict(amsgrad=True, weight_decay=1e-2, maximize=True),
+    "maximize_wd_small_betas": dict(
+        maximize=True, weight_decay=0.1, beta1=0.3, beta2=0.9, eps=1e-6
+    ),
+    "amsgrad_half_betas": dict(amsgrad=True, beta1=0.5, beta2=0.5, lr=1e-3),
+}
+
+
+def _adamw_hyperparameters(**overrides):
+    hyperparameters = dict(
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.999,
+        weight_decay=0.0,
+        eps=1e-8,
+        amsgrad=False,
+        maximize=False,
+        truncation=3e-3,
+    )
+    return {**hyperparameters, **overrides}
+
+
+def _adamw_state(sizes, dtypes, amsgrad, seed=0):
+    """[params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]; each tensor has its
+    own step count, so a mixed-up count shows in its bias corrections."""
+    pairs = list(enumerate(zip(sizes, dtypes)))
+    state = [
+        [_randn(n, dtype=d, seed=seed + i) for i, (n, d) in pairs],
+        [_randn(n, dtype=d, seed=seed + 200 + i) for i, (n, d) in pairs],
+        [_randn(n, seed=seed + 300 + i).square().to(d) for i, (n, d) in pairs],
+        [],
+        [torch.tensor(float(7 * i), device=DEVICE) for i in range(len(sizes))],
+    ]
+    if amsgrad:  # above or below the new v, element by element
+        state[3] = [_randn(n, seed=seed + 400 + i).square().to(d) for i, (n, d) in pairs]
+    return state
+
+
+def _grads(sizes, dtypes, seed, scale=1.0):
+    return [(_randn(n, seed=seed + i) * scale).to(d) for i, (n, d) in enumerate(zip(sizes, dtypes))]
+
+
+def _mixed_masks(sizes, seed=0):
+    """No mask, 0 %, random and 100 % density in turn, shifted by ``seed``."""
+    kinds = MASKS[seed % len(MASKS) :] + MASKS[: seed % len(MASKS)]
+    masks = []
+    for i, n in enumerate(sizes):
+        kind = kinds[i % len(kinds)]
+        threshold = torch.tensor(DENSITY_THRESHOLDS.get(kind, 0.0), device=DEVICE)
+        masks.append(
+            None if kind == "no_mask" else reference.pack_mask(_randn(n, seed=i), threshold)
+        )
+    return masks
+
+
+def _adamw(module, state, grads, masks, **hyperparameters):
+    params, *states = state
+    module.masked_adamw_step_(params, grads, *states, masks, **hyperparameters)
+
+
+def _flat(lists):
+    return [t for tensors in lists for t in tensors]
+
+
+def _clone_state(state):
+    return [[t.clone() for t in tensors] for tensors in state]
+
+
+def _assert_adamw_close(ours, theirs):
+    *tensors, steps = ours
+    *expected_tensors, expected_steps = theirs
+    _assert_all_close(_flat(tensors), _flat(expected_tensors))
+    for i, (got, expected) in enumerate(zip(steps, expected_steps)):
+        assert got.dtype == torch.float32 and torch.equal(got, expected), f"state_steps[{i}]"
+
+
+@pytest.mark.parametrize("case", ADAMW_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_step_matches_reference(dtype, case):
+    # Three steps in a row, each one call over every odd size with every kind of mask.
+    hyperparameters = _adamw_hyperparameters(**ADAMW_CASES[case])
+    dtypes = [dtype] * len(ODD_SIZES)
+    ours = _adamw_state(ODD_SIZES, dtypes, hyperparameters["amsgrad"])
+    theirs = _clone_state(ours)
+    for step in range(3):
+        grads, masks = _grads(ODD_SIZES, dtypes, seed=10 * step), _mixed_masks(ODD_SIZES, step)
+        _adamw(backend, ours, grads, masks, **hyperparameters)
+        _adamw(reference, theirs, grads, masks, **hyperparameters)
+        _assert_adamw_close(ours, theirs)
+
+
+@pytest.mark.parametrize("scalars", ["grad_scale", "lr_tensor", "both"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_step_device_scalars(dtype, scalars):
+    sizes, dtypes = (7, 65, 4097), [dtype] * 3
+    hyperparameters = _adamw_hyperparameters(**ADAMW_CASES["amsgrad_wd_maximize"])
+    tensors = {}
+    if scalars in ("grad_scale", "both"):
+        tensors["grad_scale"] = torch.tensor([1024.0], device=DEVICE)
+    if scalars in ("lr_tensor", "both"):  # ignores the float lr; fp64 or fp32
+        lr_dtype = torch.float64 if scalars == "lr_tensor" else torch.float32
+        tensors["lr_tensor"] = torch.tensor([0.05], dtype=lr_dtype, device=DEVICE)
+    ours = _adamw_state(sizes, dtypes, amsgrad=True)
+    theirs = _clone_state(ours)
+    for step in range(2):
+        grads = _grads(sizes, dtypes, seed=step, scale=1024.0 if "grad_scale" in tensors else 1.0)
+        masks = _mixed_masks(sizes, step)
+        _adamw(backend, ours, grads, masks, **hyperparameters, **tensors)
+        _adamw(reference, theirs, grads, masks, **hyperparameters, **tensors)
+    _assert_adamw_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_step_found_inf(dtype):
+    sizes, dtypes = (1, 65, 4097), [dtype] * 3
+    hyperparameters = _adamw_hyperparameters(amsgrad=True, weight_decay=1e-2)
+    state = _adamw_state(sizes, dtypes, amsgrad=True)
+    before = _clone_state(state)
+    grads, masks = _grads(sizes, dtypes, seed=1, scale=8.0), _mixed_masks(sizes, 2)
+    scale = torch.tensor([8.0], device=DEVICE)
+    skip = torch.tensor([1.0], device=DEVICE)
+    _adamw(backend, state, grads, masks, grad_scale=scale, found_inf=skip, **hyperparameters)
+    for got, expected in zip(_flat(state), _flat(before)):
+        assert torch.equal(got, expected), "a step with found_inf != 0 changed a tensor"
+    finite = torch.tensor([0.0], device=DEVICE)
+    expected = _clone_state(state)
+    _adamw(backend, state, grads, masks, grad_scale=scale, found_inf=finite, **hyperparameters)
+    _adamw(reference, expected, grads, masks, grad_scale=scale, found_inf=finite, **hyperparameters)
+    _assert_adamw_close(state, expected)
+    assert [float(s) for s in state[4]] == [float(s) + 1 for s in before[4]]
+
+
+def test_masked_adamw_step_trajectory_with_mixed_dtypes():
+    # One call over every dtype: each tensor gets the bias corrections of its own dtype.
+    sizes, dtypes = (65, 7, 4097, 1), DTYPES
+    hyperparameters = _adamw_hyperparameters(amsgrad=True, weight_decay=1e-2)
+    ours = _adamw_state(sizes, dtypes, amsgrad=True)
+    theirs = _clone_state(ours)
+    for step in range(3):
+        grads = _grads(sizes, dtypes, seed=10 * step)
+        threshold = torch.tensor(0.2 * step, device=DEVICE)
+        masks = [reference.pack_mask(g, threshold) for g in grads]  # a new mask each step
+        _adamw(backend, ours, grads, masks, **hyperparameters)
+        _adamw(reference, theirs, grads, masks, **hyperparameters)
+    _assert_adamw_close(ours, theirs)
+
+
+def test_masked_adamw_step_counts_steps_of_empty_tensors():
+    sizes, dtypes = (0, 65), [torch.float32] * 2
+    hyperparameters = _adamw_hyperparameters(weight_decay=1e-2)
+    ours = _adamw_state(sizes, dtypes, amsgrad=False)
+    theirs = _clone_state(ours)
+    grads, masks = _grads(sizes, dtypes, seed=0), _mixed_masks(sizes, 2)  # a 0-byte mask
+    skip = torch.tensor([1.0], device=DEVICE)
+    _adamw(backend, ours, grads, masks, found_inf=skip, **hyperparameters)
+    assert [float(s) for s in ours[4]] == [0.0, 7.0]
+    _adamw(backend, ours, grads, masks, **hyperparameters)
+    _adamw(reference, theirs, grads, masks, **hyperparameters)
+    _assert_adamw_close(ours, theirs)
+    assert [float(s) for s in ours[4]] == [1.0, 8.0]
+
+
+def test_masked_adamw_step_rejects_bad_input_before_changing_anything():
+    sizes, dtypes = (65, 7), [torch.float32] * 2
+    state = _adamw_state(sizes, dtypes, amsgrad=True)
+    params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = state
+    grads, masks = _grads(sizes, dtypes, seed=0), _mixed_masks(sizes, 2)
+    before = _clone_state(state)
+    hyperparameters = _adamw_hyperparameters(amsgrad=True)
+
+    def step(**changes):
+        args = dict(
+            params=params,
+            grads=grads,
+            exp_avgs=exp_avgs,
+            exp_avg_sqs=exp_avg_sqs,
+            max_exp_avg_sqs=max_exp_avg_sqs,
+            state_steps=steps,
+            masks=masks,
+        )
+        backend.masked_adamw_step_(**{**args, **hyperparameters, **changes})
+
+    with pytest.raises(ValueError, match=r"masks\[1\] has 0 elements, expected 8"):
+        step(masks=[masks[0], masks[1][:-8]])
+    with pytest.raises(ValueError, match="amsgrad needs one max_exp_avg_sq per param"):
+        step(max_exp_avg_sqs=[])
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[1\] has 6 elements"):
+        step(exp_avg_sqs=[exp_avg_sqs[0], exp_avg_sqs[1][:6]])
+    with pytest.raises(ValueError, match=r"exp_avgs\[1\] must be contiguous"):
+        step(exp_avgs=[exp_avgs[0], torch.zeros(14, device=DEVICE)[::2]])
+    with pytest.raises(TypeError, match=r"state_steps\[1\] must be float32"):
+        step(state_steps=[steps[0], steps[1].double()])
+    with pytest.raises(ValueError, match="as many grads, exp_avgs"):
+        step(state_steps=steps[:1])
+    with pytest.raises(ValueError, match="beta1 must be >= 0"):
+        step(beta1=-0.5)
+    for got, expected in zip(_flat(state), _flat(before)):
+        assert torch.equal(got, expected)
+
+
 def _opcheck(op, args, kwargs=None):
     result = torch.library.opcheck(op, args, kwargs)
     assert set(result.values()) == {"SUCCESS"}, result
@@ -327,6 +533,23 @@ def test_opcheck_masked_sgd_step(found_inf):
     )
 
 
+@pytest.mark.parametrize(("found_inf", "amsgrad"), [(0.0, True), (1.0, False)])
+def test_opcheck_masked_adamw_step(found_inf, amsgrad):
+    sizes, dtypes = (65, 7), (torch.float32, torch.float64)
+    params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = _adamw_state(sizes, dtypes, amsgrad)
+    scalars = (
+        torch.tensor([0.05], device=DEVICE),
+        torch.tensor([2.0], device=DEVICE),
+        torch.tensor([found_inf], device=DEVICE),
+    )
+    args = (params, _grads(sizes, dtypes, seed=0), exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    _opcheck(
+        torch.ops.worm_fast.triton_masked_adamw_step_.default,
+        (*args, steps, _mixed_masks(sizes, 2), *scalars),
+        _adamw_hyperparameters(amsgrad=amsgrad, weight_decay=1e-2, maximize=True),
+    )
+
+
 def test_torch_compile_runs_the_ops():
     # Under the interpreter the ops stay opaque to AOT tracing (see ops.py); on a GPU
     # Inductor compiles through them.
@@ -346,6 +569,24 @@ def test_torch_compile_runs_the_ops():
     reference.masked_sgd_step_(expected_params, grads, expected_buffers, masks, **hyperparameters)
     _assert_all_close(params + buffers, expected_params + expected_buffers)
     assert torch.equal(packed, reference.pack_mask(params[1], torch.tensor(0.5, device=DEVICE)))
+
+
+def test_torch_compile_runs_the_adamw_step():
+    compile_backend = "aot_eager" if os.environ.get("TRITON_INTERPRET") == "1" else "inductor"
+    sizes, dtypes = (65, 4097), [torch.float32] * 2
+    hyperparameters = _adamw_hyperparameters(amsgrad=True, weight_decay=1e-2)
+    ours = _adamw_state(sizes, dtypes, amsgrad=True)
+    theirs = _clone_state(ours)
+    grads, masks = _grads(sizes, dtypes, seed=0), _mixed_masks(sizes, 2)
+
+    @torch.compile(backend=compile_backend, fullgraph=True)
+    def step(state, grads):
+        _adamw(backend, state, grads, masks, **hyperparameters)
+
+    for _ in range(2):
+        step(ours, grads)
+        _adamw(reference, theirs, grads, masks, **hyperparameters)
+    _assert_adamw_close(ours, theirs)
 
 
 # Compiling the kernels for a GPU needs no GPU: this proves that the compiled Triton
@@ -369,6 +610,10 @@ compile(kernels._hamming_window_kernel, {"current_ptr": "*i64", "window_ptr": "*
         "out_ptr": "*i64", "nwords": "i32", "rows": "i32", "row_stride": "i32"}, {"BLOCK": 1024})
 bits = dict.fromkeys(["lr_bits", "weight_decay_bits", "momentum_bits",
                       "one_minus_dampening_bits", "truncation_bits"], "i64")
+adamw_bits = dict.fromkeys(["step_index", "lr_bits", "decay_bits", "weight_decay_bits",
+                            "one_minus_beta1_bits", "beta2_bits", "one_minus_beta2_bits",
+                            "log_beta1_bits", "log_beta2_bits", "eps_bits", "truncation_bits"],
+                           "i64")
 for dtype in ("fp32", "fp64", "fp16", "bf16"):
     compile(kernels._pack_mask_kernel, {"values_ptr": f"*{dtype}", "threshold_ptr": "*fp32",
             "out_ptr": "*u8", "numel": "i32", "nbytes": "i32"}, {"BLOCK_BYTES": 256})
@@ -382,6 +627,17 @@ for dtype in ("fp32", "fp64", "fp16", "bf16"):
     compile(kernels._masked_sgd_step_kernel,
             {k: v for k, v in {**tensors, **bits}.items() if k not in absent},
             {**flags, **dict.fromkeys(absent), "FIRST_STEP": True})
+    tensors = dict(param_ptr=f"*{dtype}", grad_ptr=f"*{dtype}", exp_avg_ptr=f"*{dtype}",
+                   exp_avg_sq_ptr=f"*{dtype}", max_exp_avg_sq_ptr=f"*{dtype}", mask_ptr="*u8",
+                   lr_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32",
+                   old_steps_ptr="*fp32", step_ptr="*fp32", numel="i32")
+    flags = dict(HAS_WEIGHT_DECAY=True, MAXIMIZE=True, BLOCK=1024)
+    compile(kernels._masked_adamw_step_kernel, {**tensors, **adamw_bits}, flags)
+    absent = ("max_exp_avg_sq_ptr", "mask_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr")
+    compile(kernels._masked_adamw_step_kernel,
+            {k: v for k, v in {**tensors, **adamw_bits}.items() if k not in absent},
+            {**dict.fromkeys(absent), "HAS_WEIGHT_DECAY": False, "MAXIMIZE": False,
+             "BLOCK": 1024})
 """
 
 
@@ -417,3 +673,9 @@ def test_large_tensors_on_gpu(dtype):
     inputs[3][0] = packed
     both = _step_both(*inputs, **_hyperparameters(momentum=0.9, nesterov=True))
     _assert_all_close(*both)
+    ours = _adamw_state((size,), (dtype,), amsgrad=True)
+    theirs = _clone_state(ours)
+    hyperparameters = _adamw_hyperparameters(amsgrad=True, weight_decay=1e-2)
+    _adamw(backend, ours, inputs[1], [packed], **hyperparameters)
+    _adamw(reference, theirs, inputs[1], [packed], **hyperparameters)
+    _assert_adamw_close(ours, theirs)

@@ -17,7 +17,14 @@ try:
 except ImportError as error:  # no triton: the other backends still work
     LOAD_ERROR = f"triton is not installed ({error})"
 
-__all__ = ["hamming_window", "masked_sgd_step_", "pack_mask", "status", "unpack_mask"]
+__all__ = [
+    "hamming_window",
+    "masked_adamw_step_",
+    "masked_sgd_step_",
+    "pack_mask",
+    "status",
+    "unpack_mask",
+]
 
 
 def status() -> BackendStatus:
@@ -82,6 +89,51 @@ def masked_sgd_step_(
         nesterov=nesterov,
         maximize=maximize,
         is_first_step=is_first_step,
+        truncation=truncation,
+    )
+
+
+def masked_adamw_step_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    masks,
+    *,
+    lr,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    amsgrad,
+    maximize,
+    truncation,
+    lr_tensor=None,
+    grad_scale=None,
+    found_inf=None,
+):
+    """``reference.masked_adamw_step_`` (same signature), one kernel launch per tensor."""
+    _require()
+    torch.ops.worm_fast.triton_masked_adamw_step_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        masks,
+        lr_tensor,
+        grad_scale,
+        found_inf,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=amsgrad,
+        maximize=maximize,
         truncation=truncation,
     )
 

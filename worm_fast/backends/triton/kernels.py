@@ -1,4 +1,4 @@
-"""Triton kernels of the four worm_fast ops (formulas: ``backends/reference.py``).
+"""Triton kernels of the five worm_fast ops (formulas: ``backends/reference.py``).
 
 Conventions shared by every kernel:
 
@@ -43,9 +43,23 @@ def _to_storage(x, like_ptr):
 
 
 @triton.jit
-def _from_bits(bits, like_ptr):
+def _double_from_bits(bits):
     # Small bit patterns may arrive as int32 (interpreter), so widen before the bitcast.
-    return _to_acc(bits.to(tl.int64).to(tl.float64, bitcast=True), like_ptr)
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _from_bits(bits, like_ptr):
+    return _to_acc(_double_from_bits(bits), like_ptr)
+
+
+@triton.jit
+def _sqrt(x):
+    # Correctly rounded, as torch's: tl.sqrt is approximate in fp32 (exact in fp64).
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
 
 
 @triton.jit
@@ -187,6 +201,110 @@ def _masked_sgd_step_kernel(
     else:
         lr = _from_bits(lr_bits, param_ptr)
     tl.store(param_ptr + index, _to_storage(p - lr * g, param_ptr), mask=inside)
+
+
+@triton.jit(
+    do_not_specialize=[
+        "step_index",
+        "lr_bits",
+        "decay_bits",
+        "weight_decay_bits",
+        "one_minus_beta1_bits",
+        "beta2_bits",
+        "one_minus_beta2_bits",
+        "log_beta1_bits",
+        "log_beta2_bits",
+        "eps_bits",
+        "truncation_bits",
+    ]
+)
+def _masked_adamw_step_kernel(
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    max_exp_avg_sq_ptr,  # None: no amsgrad
+    mask_ptr,  # None: no truncation for this tensor
+    lr_ptr,  # None: use lr_bits and decay_bits
+    grad_scale_ptr,
+    found_inf_ptr,
+    old_steps_ptr,  # fp32 copy of every step count, taken before the first launch
+    step_ptr,  # this tensor's fp32 step count, advanced by program 0
+    step_index,  # this tensor's entry in old_steps
+    numel,
+    lr_bits: tl.int64,
+    decay_bits: tl.int64,  # 1 - lr * weight_decay, for the float lr
+    weight_decay_bits: tl.int64,
+    one_minus_beta1_bits: tl.int64,
+    beta2_bits: tl.int64,
+    one_minus_beta2_bits: tl.int64,
+    log_beta1_bits: tl.int64,  # ln(beta1), beta1 first rounded to the compute dtype
+    log_beta2_bits: tl.int64,
+    eps_bits: tl.int64,
+    truncation_bits: tl.int64,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One AdamW step over ``BLOCK`` elements of one tensor, the Adam update truncated.
+
+    t = step + 1;  g = grad / grad_scale;  g = -g if maximize;  p *= 1 - lr * wd
+    m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g^2;  v_max = max(v_max, v)
+    u = m / (sqrt(v or v_max) / sqrt(1 - beta2^t) + eps) * (kept ? 1 : truncation)
+    p -= lr / (1 - beta1^t) * u
+
+    Every program reads the old count from the snapshot ``old_steps`` and program 0
+    writes t to ``step``: reading ``step`` itself would race with that write, since
+    programs of one launch run in no fixed order.
+    """
+    if found_inf_ptr is not None:  # noqa: SIM102  (see the SGD kernel)
+        if tl.load(found_inf_ptr) != 0:
+            return
+    step = tl.load(old_steps_ptr + step_index) + 1.0  # fp32, as the reference counts
+    if tl.program_id(0) == 0:
+        tl.store(step_ptr, step)
+    # beta^t = exp(t ln beta) in fp64, then rounded like the reference's fp32 pow.
+    t = step.to(tl.float64)
+    beta1_power = _to_acc(tl.exp(t * _double_from_bits(log_beta1_bits)), param_ptr)
+    beta2_power = _to_acc(tl.exp(t * _double_from_bits(log_beta2_bits)), param_ptr)
+    bias_correction1 = 1 - beta1_power
+    bias_correction2_sqrt = _sqrt(1 - beta2_power)
+    if lr_ptr is not None:
+        lr = _to_acc(tl.load(lr_ptr), param_ptr)
+        decay = 1 - lr * _from_bits(weight_decay_bits, param_ptr)
+    else:
+        lr = _from_bits(lr_bits, param_ptr)
+        decay = _from_bits(decay_bits, param_ptr)
+
+    byte, bit, index = _byte_tile(BLOCK)
+    inside = index < numel
+    p = _to_acc(tl.load(param_ptr + index, mask=inside), param_ptr)
+    g = _to_acc(tl.load(grad_ptr + index, mask=inside), param_ptr)
+    if grad_scale_ptr is not None:
+        g = g / _to_acc(tl.load(grad_scale_ptr), param_ptr)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        p = p * decay
+    # torch.lerp(m, g, w): m + w * (g - m) for |w| < 0.5, else g + (w - 1) * (g - m).
+    m = _to_acc(tl.load(exp_avg_ptr + index, mask=inside), param_ptr)
+    weight = _from_bits(one_minus_beta1_bits, param_ptr)
+    from_start = tl.abs(weight) < 0.5
+    m = tl.where(from_start, m, g) + tl.where(from_start, weight, weight - 1) * (g - m)
+    v = _to_acc(tl.load(exp_avg_sq_ptr + index, mask=inside), param_ptr)
+    v = v * _from_bits(beta2_bits, param_ptr) + _from_bits(one_minus_beta2_bits, param_ptr) * g * g
+    tl.store(exp_avg_ptr + index, _to_storage(m, exp_avg_ptr), mask=inside)
+    tl.store(exp_avg_sq_ptr + index, _to_storage(v, exp_avg_sq_ptr), mask=inside)
+    if max_exp_avg_sq_ptr is not None:
+        v_max = _to_acc(tl.load(max_exp_avg_sq_ptr + index, mask=inside), param_ptr)
+        v = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)  # NaN wins, as in torch
+        tl.store(max_exp_avg_sq_ptr + index, _to_storage(v, max_exp_avg_sq_ptr), mask=inside)
+    update = m / (_sqrt(v) / bias_correction2_sqrt + _from_bits(eps_bits, param_ptr))
+    if mask_ptr is not None:
+        kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
+        update = tl.where(kept, update, update * _from_bits(truncation_bits, param_ptr))
+    p = p - lr / bias_correction1 * update
+    tl.store(param_ptr + index, _to_storage(p, param_ptr), mask=inside)
 
 
 # TRITON_INTERPRET=1 (read when the kernels above were decorated) runs them on the CPU.

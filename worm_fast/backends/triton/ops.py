@@ -9,11 +9,12 @@ Under the interpreter (``TRITON_INTERPRET=1``, no GPU) ``wrap_triton`` hands bac
 plain interpreted kernel, which cannot run on the functional tensors of AOT tracing
 either, so there the ops stay opaque to ``torch.compile`` (``_opaque_when_interpreted``).
 
-The masked SGD step launches one kernel per tensor. The bodies check what the kernels
-rely on (sizes, dtypes of masks, contiguity, devices) so that no call reads or writes
-out of bounds; ``worm_fast.ops`` validates the rest for users.
+The masked SGD and AdamW steps launch one kernel per tensor. The bodies check what the
+kernels rely on (sizes, dtypes of masks, contiguity, devices) so that no call reads or
+writes out of bounds; ``worm_fast.ops`` validates the rest for users.
 """
 
+import math
 import struct
 
 import torch
@@ -25,6 +26,7 @@ from worm_fast._ops import NAMESPACE, packed_nbytes
 from worm_fast.backends.triton.kernels import (
     INTERPRETED,
     _hamming_window_kernel,
+    _masked_adamw_step_kernel,
     _masked_sgd_step_kernel,
     _pack_mask_kernel,
     _unpack_mask_kernel,
@@ -39,6 +41,7 @@ PACK_BLOCK_BYTES = 256  # 2048 elements
 UNPACK_BLOCK = 2048
 HAMMING_BLOCK_WORDS = 1024  # 64 Ki bits
 SGD_BLOCK = 1024
+ADAMW_BLOCK = 1024
 
 
 @triton_op(f"{NAMESPACE}::triton_pack_mask", mutates_args=())
@@ -155,14 +158,7 @@ def masked_sgd_step_(
     # Check every tensor before the first launch, so bad input changes nothing.
     launches = []
     device = params[0].device
-    for name, scalar in (
-        ("lr_tensor", lr_tensor),
-        ("grad_scale", grad_scale),
-        ("found_inf", found_inf),
-    ):
-        if scalar is not None:
-            _check_same_device(name, scalar, device)
-            _check_numel(name, scalar, 1)
+    _check_scalar_tensors(device, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
     for i, (param, grad) in enumerate(zip(params, grads)):
         numel = param.numel()
         _check_device(f"params[{i}]", param)
@@ -189,6 +185,126 @@ def masked_sgd_step_(
         )
 
 
+@triton_op(
+    f"{NAMESPACE}::triton_masked_adamw_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+)
+def masked_adamw_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    # Positional: custom ops cannot take keyword-only tensors.
+    lr_tensor: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    truncation: float,
+) -> None:
+    """``reference.masked_adamw_step_``, one kernel launch per tensor.
+
+    ``max_exp_avg_sqs`` may be empty unless ``amsgrad``; ``masks`` is empty or has one
+    packed mask (or None) per param; ``state_steps`` are float32 one-element tensors.
+    The kernels read the step counts from one copy taken before the first launch (a
+    device-side ``torch.cat``, no host sync) and advance the originals themselves, so a
+    step with ``found_inf`` set leaves the counts as they were.
+    """
+    n = len(params)
+    if any(len(states) != n for states in (grads, exp_avgs, exp_avg_sqs, state_steps)) or (
+        masks and len(masks) != n
+    ):
+        raise ValueError(
+            f"{n} params need as many grads, exp_avgs, exp_avg_sqs and state_steps and "
+            f"as many masks (or none), got {len(grads)}, {len(exp_avgs)}, "
+            f"{len(exp_avg_sqs)}, {len(state_steps)} and {len(masks)}"
+        )
+    if amsgrad and len(max_exp_avg_sqs) != n:
+        raise ValueError(
+            f"amsgrad needs one max_exp_avg_sq per param ({n}), got {len(max_exp_avg_sqs)}"
+        )
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not beta >= 0:  # beta^t is computed as exp(t ln beta)
+            raise ValueError(f"{name} must be >= 0, got {beta}")
+    if not params:
+        return
+    # Check every tensor before the first launch, so bad input changes nothing.
+    device = params[0].device
+    _check_scalar_tensors(device, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+    launches = []
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        numel = param.numel()
+        _check_device(f"params[{i}]", param)
+        _check_same_device(f"params[{i}]", param, device)
+        _check_contiguous(f"params[{i}]", param)
+        _check_same_device(f"grads[{i}]", grad, device)
+        _check_numel(f"grads[{i}]", grad, numel)
+        states = [exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None]
+        for name, state in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), states):
+            if state is not None:
+                _check_same_device(f"{name}[{i}]", state, device)
+                _check_contiguous(f"{name}[{i}]", state)
+                _check_numel(f"{name}[{i}]", state, numel)
+        step = state_steps[i]
+        _check_same_device(f"state_steps[{i}]", step, device)
+        _check_numel(f"state_steps[{i}]", step, 1)
+        if step.dtype != torch.float32:
+            raise TypeError(f"state_steps[{i}] must be float32, got {step.dtype}")
+        mask = masks[i] if masks else None
+        if mask is not None:
+            _check_same_device(f"masks[{i}]", mask, device)
+            _check_uint8(f"masks[{i}]", mask)
+            _check_numel(f"masks[{i}]", mask, packed_nbytes(numel))
+            mask = mask.contiguous()
+        launches.append((param, grad.contiguous(), *states, mask, step, numel))
+
+    old_steps = torch.cat([step.reshape(1) for step in state_steps])
+    bits = dict(
+        lr_bits=_double_bits(lr),
+        decay_bits=_double_bits(1 - lr * weight_decay),
+        weight_decay_bits=_double_bits(weight_decay),
+        one_minus_beta1_bits=_double_bits(1 - beta1),
+        beta2_bits=_double_bits(beta2),
+        one_minus_beta2_bits=_double_bits(1 - beta2),
+        eps_bits=_double_bits(eps),
+        truncation_bits=_double_bits(truncation),
+    )
+    flags = dict(HAS_WEIGHT_DECAY=weight_decay != 0, MAXIMIZE=maximize, BLOCK=ADAMW_BLOCK)
+    for i, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, mask, step, numel) in enumerate(
+        launches
+    ):
+        fp64 = param.dtype == torch.float64
+        # An empty tensor still gets one program: its step count advances too.
+        wrap_triton(_masked_adamw_step_kernel)[(max(1, triton.cdiv(numel, ADAMW_BLOCK)),)](
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+            mask,
+            lr_tensor,
+            grad_scale,
+            found_inf,
+            old_steps,
+            step,
+            i,
+            numel,
+            log_beta1_bits=_double_bits(_log_of_rounded(beta1, fp64)),
+            log_beta2_bits=_double_bits(_log_of_rounded(beta2, fp64)),
+            **bits,
+            **flags,
+        )
+
+
 # Fake kernels: shapes only (see the module docstring for why they are explicit).
 @pack_mask.register_fake
 def _(values, threshold):
@@ -210,19 +326,35 @@ def _(params, grads, momentum_buffers, masks, *optional_tensors, **hyperparamete
     return None
 
 
+@masked_adamw_step_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, *rest, **kw):
+    return None
+
+
 def _opaque_when_interpreted(mode, op, types, args, kwargs):
     # Keep the op whole (as torch.export does) instead of decomposing into its kernels.
     return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
 if INTERPRETED:
-    for _op in (pack_mask, unpack_mask, hamming_window, masked_sgd_step_):
+    for _op in (pack_mask, unpack_mask, hamming_window, masked_sgd_step_, masked_adamw_step_):
         _op.register_torch_dispatch(FunctionalTensorMode, _opaque_when_interpreted)
 
 
 def _double_bits(x: float) -> int:
     """The IEEE-754 bits of ``x`` as an int64 (kernels.py: why floats travel as bits)."""
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _log_of_rounded(beta: float, fp64: bool) -> float:
+    """ln(beta) after rounding beta to the compute dtype, as the reference's pow sees it.
+
+    The kernel takes beta^t = exp(t ln beta) in fp64 and rounds it to the compute dtype,
+    which gives the correctly rounded fp32 power that torch's ``beta ** step`` does.
+    """
+    if not fp64:
+        beta = struct.unpack("<f", struct.pack("<f", beta))[0]
+    return math.log(beta) if beta > 0 else -math.inf
 
 
 def _words(masks: torch.Tensor) -> torch.Tensor:
@@ -243,6 +375,13 @@ def _check_device(name: str, tensor: torch.Tensor) -> None:
 def _check_same_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device}, expected {device}")
+
+
+def _check_scalar_tensors(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, scalar in tensors.items():
+        if scalar is not None:
+            _check_same_device(name, scalar, device)
+            _check_numel(name, scalar, 1)
 
 
 def _check_contiguous(name: str, tensor: torch.Tensor) -> None:
