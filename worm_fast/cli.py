@@ -1,7 +1,11 @@
-"""The ``worm-fast`` command: search, compare, sweep; and what backends this machine has.
+"""The ``worm-fast`` command: search, compare, sweep, value-masking; and what backends
+this machine has.
 
-Results go to ``--out`` after every epoch (results.json, epochs.csv, runs.csv, table.md)
-and, when the runs finish, the figures; Ctrl-C keeps the finished epochs' results.
+A run trains a CNN on an image dataset (``--dataset``, default MNIST), or fine-tunes a
+pretrained transformer on a text task (``--task rt-polarity | sst2 | mrpc | rte``; the
+embedded all-MiniLM-L6-v2 unless ``--model-path``). Results go to ``--out`` after every
+epoch (results.json, epochs.csv, runs.csv, table.md) and, when the runs finish, the
+figures; Ctrl-C keeps the finished epochs' results.
 """
 
 import argparse
@@ -10,56 +14,107 @@ from dataclasses import fields
 from pathlib import Path
 
 from worm_fast import backends, report
-from worm_fast.data import DATASETS, DatasetNotFoundError
+from worm_fast.data import DATASETS, TEXT_TASKS, DatasetNotFoundError
+from worm_fast.experiments.config import CNN_DEFAULTS, OPTIMIZERS, TEXT_DEFAULTS
 from worm_fast.experiments.pipeline import PRUNE_METHODS, RunConfig
 from worm_fast.experiments.variants import (
     TABLE_I_TRUNCATIONS,
     compare_variants,
     run_variants,
     sweep_variants,
+    value_masking_variants,
 )
 from worm_fast.masks import SCOPES
-from worm_fast.models import MODELS
+from worm_fast.models import EMBEDDED_MODEL, MODELS, ModelNotFoundError
+from worm_fast.representative import PRESETS
 from worm_fast.search import MODES
+
+
+def _by_kind(key: str) -> str:
+    """Help text naming a default that depends on the kind of run."""
+    return f"default: {CNN_DEFAULTS[key]} for CNNs, {TEXT_DEFAULTS[key]} for text tasks"
+
+
+def _subset_size(text: str) -> int | str:
+    return text if text == "all" else int(text)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     defaults = RunConfig()
-    data = parser.add_argument_group("model and data")
-    data.add_argument("--model", choices=sorted(MODELS), default=defaults.model)
+    data = parser.add_argument_group(
+        "model and data",
+        "CNNs train from scratch on an image dataset (--dataset); text tasks (--task) "
+        f"fine-tune the embedded {EMBEDDED_MODEL} or a local checkpoint (--model-path)",
+    )
+    data.add_argument(
+        "--model", choices=sorted(MODELS), help=f"CNN (default: {CNN_DEFAULTS['model']})"
+    )
     data.add_argument(
         "--width",
         type=float,
         default=defaults.width,
         help="channel-width multiplier (smaller = faster)",
     )
-    data.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    data.add_argument("--data-dir", help="where on-disk datasets live (CIFAR-10)")
-    data.add_argument("--train-subset", type=int, help="train on this many seeded samples")
+    data.add_argument("--dataset", choices=DATASETS, help="image dataset (default: mnist)")
+    data.add_argument(
+        "--task",
+        choices=list(TEXT_TASKS),
+        help="text task: rt-polarity is embedded; sst2, mrpc and rte are GLUE's TSV files "
+        "under --data-dir (DIR/SST-2/train.tsv, dev.tsv; DIR/MRPC/…; DIR/RTE/…)",
+    )
+    data.add_argument(
+        "--model-path",
+        help=f"text: a local Hugging Face checkpoint directory (default: {EMBEDDED_MODEL}, "
+        "embedded), e.g. one holding bert-base-uncased",
+    )
+    data.add_argument("--data-dir", help="where on-disk datasets live (CIFAR-10, GLUE)")
+    data.add_argument(
+        "--train-subset",
+        type=_subset_size,
+        help="train on this many seeded samples, or 'all' (default: all; rt-polarity: "
+        f"{TEXT_TASKS['rt-polarity'].default_train_subset})",
+    )
     data.add_argument("--test-subset", type=int, help="evaluate on this many seeded samples")
+    data.add_argument(
+        "--max-length",
+        type=int,
+        default=defaults.max_length,
+        help="text: tokens per sequence after truncation (default: %(default)s)",
+    )
     training = parser.add_argument_group("training")
     training.add_argument(
         "--epochs",
         dest="max_epochs",
         type=int,
-        default=defaults.max_epochs,
-        help="maximum search epochs (N of Algorithm 1)",
+        help=f"maximum search epochs (N of Algorithm 1; {_by_kind('max_epochs')})",
     )
-    training.add_argument("--retrain-epochs", type=int, default=defaults.retrain_epochs)
-    training.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    training.add_argument("--lr", type=float, default=defaults.lr)
-    training.add_argument("--momentum", type=float, default=defaults.momentum)
-    training.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    training.add_argument("--retrain-epochs", type=int, help=_by_kind("retrain_epochs"))
+    training.add_argument("--batch-size", type=int, help=_by_kind("batch_size"))
+    training.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help=f"WormSGD or WormAdamW ({_by_kind('optimizer')})",
+    )
+    training.add_argument("--lr", type=float, help=f"held constant ({_by_kind('lr')})")
+    training.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD only")
+    training.add_argument("--weight-decay", type=float, help=_by_kind("weight_decay"))
     training.add_argument("--seed", type=int, default=defaults.seed)
     training.add_argument("--device", default=defaults.device)
     training.add_argument("--backend", choices=("auto", *backends.NAMES), default="auto")
     search = parser.add_argument_group("search (Algorithm 1)")
     search.add_argument("--prune-ratio", type=float, default=defaults.prune_ratio)
-    search.add_argument("--stop-distance", type=float, default=defaults.stop_distance)
-    search.add_argument("--window", type=int, default=defaults.window)
-    search.add_argument("--trigger-margin", type=float, default=defaults.trigger_margin)
+    search.add_argument("--stop-distance", type=float, help=_by_kind("stop_distance"))
+    search.add_argument("--window", type=int, help=_by_kind("window"))
+    search.add_argument("--trigger-margin", type=float, help=_by_kind("trigger_margin"))
     search.add_argument("--truncation", type=float, default=defaults.truncation)
     search.add_argument("--scope", choices=SCOPES, default=defaults.scope)
+    search.add_argument(
+        "--representative",
+        nargs="+",
+        metavar="PRESET_OR_PATTERN",
+        help=f"a preset ({', '.join(PRESETS)}) or parameter-name patterns, e.g. "
+        f"'*.query.weight' ({_by_kind('representative')})",
+    )
     search.add_argument(
         "--prune",
         choices=PRUNE_METHODS,
@@ -97,13 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sweep)
     sweep.add_argument("--runs", type=int, default=1)
     sweep.add_argument("--truncations", type=float, nargs="+", default=list(TABLE_I_TRUNCATIONS))
+    value_masking = commands.add_parser(
+        "value-masking",
+        help="attention query/key vs query/key/value as representative layers (Table V)",
+        description="Runs the search twice from identical starts: with the query and key "
+        "projections as representative layers, and with value too (the paper's Table V; "
+        "default task rt-polarity).",
+    )
+    _add_run_options(value_masking)
+    value_masking.set_defaults(task="rt-polarity")
+    value_masking.add_argument("--mode", choices=MODES, default="eb")
+    value_masking.add_argument("--runs", type=int, default=1)
     commands.add_parser("backends", help="which kernel backends run here, and why not")
     return parser
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in vars(args).items() if k in names and k != "mode"})
+    options = {k: v for k, v in vars(args).items() if k in names and k != "mode"}
+    representative = options.get("representative")
+    if representative is not None and len(representative) == 1 and representative[0] in PRESETS:
+        options["representative"] = representative[0]
+    return RunConfig(**options)
 
 
 def _variants(args: argparse.Namespace) -> dict[str, dict]:
@@ -111,6 +181,8 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
         return {args.mode: {"mode": args.mode}}
     if args.command == "compare":
         return compare_variants(with_truncate=args.with_truncate)
+    if args.command == "value-masking":
+        return value_masking_variants(args.mode)
     return sweep_variants(args.truncations)
 
 
@@ -137,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             config, _variants(args), runs=getattr(args, "runs", 1), command=args.command,
             progress=not args.no_progress, on_update=save,
         )  # fmt: skip
-    except DatasetNotFoundError as error:
+    except (DatasetNotFoundError, ModelNotFoundError) as error:
         print(f"worm-fast: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,9 +2,12 @@
 and whose gradients WORM truncates.
 
 * ``"batchnorm"``: BatchNorm weights (γ), the channel importances of CNNs (default).
-* ``"attention"``: attention query and key projection weights; ``"attention_qkv"`` adds
-  value. Found by name: BERT-family ``query``/``key``/``value`` and decoder LLM
-  ``q_proj``/``k_proj``/``v_proj`` linear layers.
+* ``"attention"``: the query and key projection weights of every attention layer, the
+  paper's choice for transformers; ``"attention_qkv"`` adds the value projections.
+  Found by module structure and name: a projection is a direct child with a 2-D weight
+  of a module whose class name contains ``Attention``, named ``query``/``key``/``value``
+  (BERT family), ``q_proj``/``k_proj``/``v_proj`` (Llama, Gemma, Mistral, …) or
+  ``q``/``k``/``v`` (T5). A layer named ``key`` outside attention is never picked.
 * a list of name patterns (``fnmatch`` style, e.g. ``"layer*.bn1.weight"``), or a list /
   mapping of parameters.
 """
@@ -16,8 +19,17 @@ import torch
 from torch import nn
 
 PRESETS = ("batchnorm", "attention", "attention_qkv")
-_QK_NAMES = ("query", "key", "q_proj", "k_proj")
-_V_NAMES = ("value", "v_proj")
+_QK_NAMES = ("query", "key", "q_proj", "k_proj", "q", "k")
+_V_NAMES = ("value", "v_proj", "v")
+
+# The paper tunes the search per kind of model (Sections V and VI): a pretrained
+# transformer's masks move far less while fine-tuning, so it stops at a smaller distance.
+PAPER_SEARCH_SETTINGS = {
+    "cnn": dict(stop_distance=0.1, window=5, trigger_margin=0.05, truncation=3e-3,
+                prune_ratio=0.5, representative="batchnorm"),
+    "transformer": dict(stop_distance=0.01, window=3, trigger_margin=0.005, truncation=3e-3,
+                        prune_ratio=0.5, representative="attention"),
+}  # fmt: skip
 
 
 def batchnorm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -28,13 +40,22 @@ def batchnorm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def _is_attention(module: nn.Module) -> bool:
+    return "Attention" in type(module).__name__
+
+
 def attention_weights(model: nn.Module, *, include_value: bool = False) -> dict[str, nn.Parameter]:
+    """Query and key (and with ``include_value`` value) projection weights, in module order."""
     leaf_names = _QK_NAMES + (_V_NAMES if include_value else ())
-    return {
-        f"{name}.weight": module.weight
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in leaf_names
-    }
+    found = {}
+    for name, module in model.named_modules():
+        if not _is_attention(module):
+            continue
+        for child_name, child in module.named_children():
+            weight = getattr(child, "weight", None)
+            if child_name in leaf_names and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+                found[f"{name}.{child_name}.weight" if name else f"{child_name}.weight"] = weight
+    return found
 
 
 def matching(model: nn.Module, patterns: Iterable[str]) -> dict[str, nn.Parameter]:
@@ -44,6 +65,22 @@ def matching(model: nn.Module, patterns: Iterable[str]) -> dict[str, nn.Paramete
         for name, param in model.named_parameters()
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
     }
+
+
+def _none_found(model: nn.Module, representative) -> ValueError:
+    if representative in ("attention", "attention_qkv"):
+        looked_for = (
+            "Linear layers named query/key/value (BERT), q_proj/k_proj/v_proj (Llama, Gemma, "
+            "Mistral) or q/k/v (T5) directly inside a module whose class name contains "
+            "'Attention'; for other layouts (e.g. a fused qkv projection) pass name patterns, "
+            "e.g. ['*.attn.c_attn.weight']"
+        )
+    else:
+        looked_for = "pass name patterns that match model.named_parameters(), e.g. ['*.bn*.weight']"
+    return ValueError(
+        f"no representative parameters found for {representative!r} in "
+        f"{type(model).__name__}: {looked_for}"
+    )
 
 
 def select(
@@ -71,8 +108,7 @@ def select(
     else:
         chosen = matching(model_or_params, representative)
     if not chosen:
-        raise ValueError(
-            f"no representative parameters found for {representative!r}; the model has "
-            "none of that kind (pass name patterns, e.g. ['*.bn*.weight'])"
-        )
+        if isinstance(model_or_params, nn.Module):
+            raise _none_found(model_or_params, representative)
+        raise ValueError("no representative parameters were given")
     return chosen

@@ -1,10 +1,14 @@
-"""One epoch of supervised training, and evaluation.
+"""One epoch of supervised training, and evaluation, for any classifier.
 
-Losses and correct counts accumulate on the device; the host reads them once per
-epoch, so the loop never waits on the GPU between batches.
+A ``forward(model, batch, device) -> (logits, labels)`` says how a batch goes through
+the model: ``classify_images`` for ``(images, labels)`` batches, ``classify_tokens`` for
+the dict batches of Hugging Face sequence classifiers. Losses and correct counts
+accumulate on the device; the host reads them once per epoch, so the loop never waits
+on the GPU between batches.
 """
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +26,24 @@ class EpochResult:
     batch_losses: list[float]  # for loss trajectories (the paper's Figure 2)
 
 
+Forward = Callable[[nn.Module, object, torch.device], tuple[torch.Tensor, torch.Tensor]]
+
+
+def classify_images(model: nn.Module, batch, device: torch.device):
+    """``(images, labels)`` batches: the model maps images to logits."""
+    inputs, labels = batch
+    inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return model(inputs), labels
+
+
+def classify_tokens(model: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device):
+    """Dict batches (``input_ids``, ``attention_mask``, …, ``labels``) of a Hugging Face
+    sequence classifier; the loss is computed here, as for images."""
+    inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    labels = inputs.pop("labels")
+    return model(**inputs).logits, labels
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -33,6 +55,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     *,
     device: torch.device,
+    forward: Forward = classify_images,
     progress: bool = False,
     description: str = "train",
 ) -> EpochResult:
@@ -41,10 +64,9 @@ def train_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     samples, batch_losses = 0, []
-    for inputs, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in tqdm(loader, desc=description, leave=False, disable=not progress):
         optimizer.zero_grad(set_to_none=True)
-        logits = model(inputs)
+        logits, labels = forward(model, batch, device)
         loss = nn.functional.cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
@@ -65,15 +87,21 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    forward: Forward = classify_images,
+) -> float:
     """Top-1 accuracy in % over ``loader``, with the model in eval mode."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     samples = 0
-    for inputs, labels in loader:
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        correct += (model(inputs).argmax(dim=1) == labels).sum()
+    for batch in loader:
+        logits, labels = forward(model, batch, device)
+        correct += (logits.argmax(dim=1) == labels).sum()
         samples += labels.numel()
     model.train(was_training)
     if samples == 0:

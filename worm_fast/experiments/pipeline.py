@@ -2,9 +2,12 @@
 
 Search: train an epoch, evaluate, run one ``EarlyBirdSearch.check`` (Algorithm 1),
 until the ticket converges or ``max_epochs`` pass. Prune: apply the ticket (unstructured
-masks as the paper, or structured channel removal). Retrain: plain SGD for
-``retrain_epochs``. Every epoch becomes a row handed to ``on_row`` as soon as it ends,
-so a caller can persist results of finished epochs if the run is interrupted.
+masks as the paper, or structured channel removal). Retrain: the same optimizer, without
+truncation, for ``retrain_epochs``. CNNs and text models share this loop; what differs
+(model, data, how a batch goes through the model, the optimizer) is the run's
+:class:`~worm_fast.experiments.workloads.Workload`. Every epoch becomes a row handed to
+``on_row`` as soon as it ends, so a caller can persist results of finished epochs if the
+run is interrupted.
 """
 
 from collections.abc import Callable
@@ -13,52 +16,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from worm_fast import prune
-from worm_fast.data import load_dataset, make_loader
-from worm_fast.models import build_model
-from worm_fast.optim import WormSGD
+from worm_fast.experiments.config import PRUNE_METHODS, RunConfig
+from worm_fast.experiments.workloads import Workload, build_workload, make_optimizer
 from worm_fast.profiling import PhaseProfiler, mask_check_cost, model_flops, optimizer_step_cost
 from worm_fast.search import EarlyBirdSearch
 from worm_fast.train import evaluate, train_epoch
 
-PRUNE_METHODS = ("unstructured", "structured")
-
-
-@dataclass
-class RunConfig:
-    """Everything that determines a run. Defaults: the paper's CNN settings."""
-
-    model: str = "resnet20"
-    width: float = 1.0
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    batch_size: int = 128
-    lr: float = 0.01  # held constant, as in the paper
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    max_epochs: int = 30  # N of Algorithm 1
-    retrain_epochs: int = 5
-    mode: str = "worm"
-    prune_ratio: float = 0.5
-    stop_distance: float = 0.1
-    window: int = 5
-    trigger_margin: float = 0.05
-    truncation: float = 3e-3
-    scope: str = "global"
-    prune: str = "unstructured"
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"
-    carbon_intensity: float | None = None  # g CO2eq/kWh; with pue, emissions are reported
-    pue: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.prune not in PRUNE_METHODS:
-            raise ValueError(f"prune must be one of {PRUNE_METHODS}, got {self.prune!r}")
-        for name in ("max_epochs", "retrain_epochs", "batch_size"):
-            if getattr(self, name) < (0 if name == "retrain_epochs" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+__all__ = ["PRUNE_METHODS", "RunConfig", "RunResult", "run"]
 
 
 @dataclass
@@ -92,38 +56,21 @@ def run(
     result = RunResult(config=asdict(config))
     notify = on_row or (lambda _: None)
     device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    train_set, test_set, info = load_dataset(
-        config.dataset, data_dir=config.data_dir, train_subset=config.train_subset,
-        test_subset=config.test_subset, seed=config.seed,
-    )  # fmt: skip
-    train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
-    test_loader = make_loader(test_set, 512, shuffle=False, seed=config.seed)
-    model = build_model(
-        config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-        width=config.width,
-    )  # fmt: skip
-    if initial_state is not None:
-        model.load_state_dict(initial_state)
-    model.to(device)
-
-    def sgd(params):
-        return WormSGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-            backend=config.backend,
-        )  # fmt: skip
+    workload = build_workload(config, initial_state=initial_state)
+    model, forward = workload.model, workload.forward
+    train_loader, test_loader = workload.train_loader, workload.eval_loader
 
     profiler = PhaseProfiler(device, carbon_intensity=config.carbon_intensity, pue=config.pue)
-    costs = _Costs(model, test_set[0][0], config, train_samples=len(train_set),
-                   test_samples=len(test_set))  # fmt: skip
+    costs = _Costs(workload, config)
 
     # -- search ---------------------------------------------------------------------
-    optimizer = sgd(model.parameters())
+    optimizer = make_optimizer(config, model.parameters())
     search = EarlyBirdSearch(
         model, optimizer, mode=config.mode, prune_ratio=config.prune_ratio,
         stop_distance=config.stop_distance, window=config.window,
         trigger_margin=config.trigger_margin, truncation=config.truncation,
-        scope=config.scope, backend=None if config.backend == "auto" else config.backend,
+        scope=config.scope, representative=config.representative,
+        backend=None if config.backend == "auto" else config.backend,
     )  # fmt: skip
     masked_numel = sum(p.numel() for p in search.params.values())
     accuracy = None
@@ -132,10 +79,10 @@ def run(
             with profiler.phase("search"):
                 truncating = optimizer.truncation < 1.0
                 trained = train_epoch(
-                    model, train_loader, optimizer, device=device, progress=progress,
-                    description=f"{config.mode} search epoch {epoch}",
+                    model, train_loader, optimizer, device=device, forward=forward,
+                    progress=progress, description=f"{config.mode} search epoch {epoch}",
                 )  # fmt: skip
-                accuracy = evaluate(model, test_loader, device=device)
+                accuracy = evaluate(model, test_loader, device=device, forward=forward)
                 record = search.check()
                 costs.count_epoch(profiler, model, trained.steps,
                                   masked_numel if truncating else 0)  # fmt: skip
@@ -166,21 +113,23 @@ def run(
             else:
                 prune.apply_unstructured(model, ticket_masks)
                 params_after = params_before - sum(int((~m).sum()) for m in ticket_masks.values())
-            pruned_accuracy = evaluate(model, test_loader, device=device)
+            pruned_accuracy = evaluate(model, test_loader, device=device, forward=forward)
             costs.count_evaluation(profiler, model)
         result.rows.append(dict(phase="prune", epoch=0, test_accuracy=pruned_accuracy))
         _publish(result, profiler, notify)
 
         # -- retrain ------------------------------------------------------------------
-        optimizer = sgd(model.parameters())
+        optimizer = make_optimizer(config, model.parameters())
         retrain_accuracies = []
         for epoch in range(1, config.retrain_epochs + 1):
             with profiler.phase("retrain"):
                 trained = train_epoch(
-                    model, train_loader, optimizer, device=device, progress=progress,
-                    description=f"{config.mode} retrain epoch {epoch}",
+                    model, train_loader, optimizer, device=device, forward=forward,
+                    progress=progress, description=f"{config.mode} retrain epoch {epoch}",
                 )  # fmt: skip
-                retrain_accuracies.append(evaluate(model, test_loader, device=device))
+                retrain_accuracies.append(
+                    evaluate(model, test_loader, device=device, forward=forward)
+                )
                 costs.count_epoch(profiler, model, trained.steps, 0)
             result.rows.append(
                 dict(
@@ -204,6 +153,7 @@ def run(
         pre_pruned_accuracy=pre_pruned,
         pruned_accuracy=pruned_accuracy,
         retrain_accuracy_1=retrain_accuracies[0] if retrain_accuracies else None,
+        accuracy_gain_1=retrain_accuracies[0] - pre_pruned if retrain_accuracies else None,
         restore_90_epochs=_restore_epochs(pre_pruned, pruned_accuracy, retrain_accuracies),
         search_seconds=seconds["search"],
         prune_seconds=seconds["prune"],
@@ -225,12 +175,16 @@ def _publish(result: RunResult, profiler: PhaseProfiler, notify) -> None:
 
 class _Costs:
     """Model FLOPs per sample (counted once per architecture on the meta device) and
-    optimizer costs, added to the profiler per epoch."""
+    optimizer costs, added to the profiler per epoch.
 
-    def __init__(self, model, sample, config: RunConfig, *, train_samples, test_samples):
-        self.example = sample.unsqueeze(0).to(config.device)
+    Text samples are counted at the training set's mean length (padding excluded). The
+    optimizer's FLOPs and bytes have a formula for SGD only: AdamW runs count model FLOPs.
+    """
+
+    def __init__(self, workload: Workload, config: RunConfig):
+        self.example = workload.example_input.to(config.device)
         self.config = config
-        self.train_samples, self.test_samples = train_samples, test_samples
+        self.train_samples, self.test_samples = workload.train_samples, workload.eval_samples
 
     def _per_sample(self, model):
         # Two samples: BatchNorm in train mode needs more than one value per channel.
@@ -240,10 +194,12 @@ class _Costs:
 
     def count_epoch(self, profiler, model, steps: int, masked_numel: int) -> None:
         train, _ = self._per_sample(model)
-        step_cost = optimizer_step_cost(
-            model.parameters(), momentum=self.config.momentum, masked_numel=masked_numel,
-            weight_decay=self.config.weight_decay,
-        )  # fmt: skip
+        step_cost = None
+        if self.config.optimizer == "sgd":
+            step_cost = optimizer_step_cost(
+                model.parameters(), momentum=self.config.momentum, masked_numel=masked_numel,
+                weight_decay=self.config.weight_decay,
+            )  # fmt: skip
         profiler.add_steps(steps, optimizer_per_step=step_cost)
         profiler.add_work(model_flops=train * self.train_samples)
         self.count_evaluation(profiler, model)

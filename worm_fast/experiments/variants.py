@@ -1,4 +1,5 @@
-"""Several variants of a run (EB vs WORM, a truncation sweep) from identical starts.
+"""Several variants of a run (EB vs WORM, a truncation sweep, Q/K vs Q/K/V
+representative layers) from identical starts.
 
 For every seed, each variant starts from the same initial weights and sees the same
 data order, as the paper's Tables I–III do; metrics are averaged over seeds. The
@@ -10,11 +11,8 @@ was written covers exactly the finished epochs.
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
-import torch
-
-from worm_fast.data import load_dataset
 from worm_fast.experiments.pipeline import RunConfig, RunResult, run
-from worm_fast.models import build_model
+from worm_fast.experiments.workloads import initial_state
 
 # Truncation factors of the paper's Table I.
 TABLE_I_TRUNCATIONS = (1.0, 0.5, 0.1, 0.05, 0.01)
@@ -33,18 +31,13 @@ def sweep_variants(truncations=TABLE_I_TRUNCATIONS) -> dict[str, dict]:
     return {f"r = {r:g}": {"mode": "truncate", "truncation": float(r)} for r in truncations}
 
 
-def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
-    """The initial weights of ``config.model`` for ``config.seed``."""
-    _, _, info = load_dataset(
-        config.dataset, data_dir=config.data_dir, train_subset=config.train_subset,
-        test_subset=config.test_subset, seed=config.seed,
-    )  # fmt: skip
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-        width=config.width,
-    )  # fmt: skip
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+def value_masking_variants(mode: str = "eb") -> dict[str, dict]:
+    """Query and key as representative layers vs query, key and value (Table V)."""
+    label = {"eb": "EB Train", "worm": "WORM", "truncate": "Truncate"}[mode]
+    return {
+        f"{label} (Q, K)": {"mode": mode, "representative": "attention"},
+        f"{label} (Q, K, V)": {"mode": mode, "representative": "attention_qkv"},
+    }
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:

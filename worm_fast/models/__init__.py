@@ -1,10 +1,12 @@
-"""CIFAR-style CNNs for the Early-Bird search, built by name."""
+"""CIFAR-style CNNs for the Early-Bird search, built by name; pretrained transformers for
+text classification, loaded from local checkpoints (``models.text``)."""
 
 from collections.abc import Callable
 
 from torch import nn
 
 from .resnet import BasicBlock, CifarResNet, resnet18, resnet20
+from .text import EMBEDDED_MODEL, ModelNotFoundError, load_classifier, load_tokenizer
 from .vgg import VGG, VGG11_CFG, vgg11
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -28,12 +30,16 @@ def build_model(
 
 
 __all__ = [
+    "EMBEDDED_MODEL",
     "MODELS",
     "VGG",
     "VGG11_CFG",
     "BasicBlock",
     "CifarResNet",
+    "ModelNotFoundError",
     "build_model",
+    "load_classifier",
+    "load_tokenizer",
     "resnet18",
     "resnet20",
     "vgg11",

@@ -1,0 +1,142 @@
+"""RunConfig: everything that determines one search → prune → retrain run.
+
+A run trains a CNN from scratch on an image dataset (``dataset``, the default), or
+fine-tunes a pretrained transformer on a text task (``task``). Fields left ``None`` take
+the defaults of that kind: the paper's settings for CNNs (Sections IV–V) or for
+transformers (Section VI), and training settings that make the embedded demos run on a
+laptop CPU.
+"""
+
+from dataclasses import dataclass
+
+from worm_fast.data import DATASETS, TEXT_TASKS
+from worm_fast.models import EMBEDDED_MODEL, MODELS
+from worm_fast.models.text import model_name
+from worm_fast.representative import PAPER_SEARCH_SETTINGS
+
+PRUNE_METHODS = ("unstructured", "structured")
+OPTIMIZERS = ("sgd", "adamw")
+
+_SEARCH_KEYS = ("stop_distance", "window", "trigger_margin", "representative")
+CNN_DEFAULTS = dict(
+    model="resnet20",
+    dataset="mnist",
+    batch_size=128,
+    optimizer="sgd",
+    lr=0.01,  # held constant, as in the paper
+    weight_decay=1e-4,
+    max_epochs=30,
+    retrain_epochs=5,
+    **{key: PAPER_SEARCH_SETTINGS["cnn"][key] for key in _SEARCH_KEYS},
+)
+# Fine-tuning: AdamW at a constant small learning rate. 5e-5 rather than BERT's usual
+# 2e-5: MiniLM is small and a CPU demo sees few steps. One retrain epoch, as the
+# paper's Tables IV–VI report.
+TEXT_DEFAULTS = dict(
+    batch_size=32,
+    optimizer="adamw",
+    lr=5e-5,
+    weight_decay=0.01,
+    max_epochs=10,
+    retrain_epochs=1,
+    **{key: PAPER_SEARCH_SETTINGS["transformer"][key] for key in _SEARCH_KEYS},
+)
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run; ``None`` fields take the defaults of its kind
+    (``CNN_DEFAULTS``, or ``TEXT_DEFAULTS`` when ``task`` is set)."""
+
+    task: str | None = None  # text task (rt-polarity, sst2, mrpc, rte); None: images
+    model: str | None = None  # CNN name; for text, set to the checkpoint's name
+    model_path: str | None = None  # text: a local Hugging Face checkpoint; None: MiniLM
+    width: float = 1.0  # CNN channel-width multiplier
+    dataset: str | None = None  # image dataset; None for text runs
+    data_dir: str | None = None  # CIFAR-10, or GLUE (<data_dir>/SST-2/train.tsv, …)
+    # Seeded subset size; "all"; None: the task's default (rt-polarity: 2,000), else all.
+    train_subset: int | str | None = None
+    test_subset: int | None = None
+    max_length: int = 64  # text: tokens per sequence after truncation
+    batch_size: int | None = None
+    optimizer: str | None = None  # sgd (WormSGD) or adamw (WormAdamW)
+    lr: float | None = None  # held constant
+    momentum: float = 0.9  # SGD only
+    weight_decay: float | None = None
+    max_epochs: int | None = None  # N of Algorithm 1
+    retrain_epochs: int | None = None
+    mode: str = "worm"
+    prune_ratio: float = 0.5
+    stop_distance: float | None = None
+    window: int | None = None
+    trigger_margin: float | None = None
+    truncation: float = 3e-3
+    scope: str = "global"
+    representative: str | tuple[str, ...] | None = None  # preset or name patterns
+    prune: str = "unstructured"
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+    carbon_intensity: float | None = None  # g CO2eq/kWh; with pue, emissions are reported
+    pue: float | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.task is not None
+
+    def __post_init__(self) -> None:
+        if self.is_text:
+            self._check_text()
+        else:
+            self._check_images()
+        for key, value in (TEXT_DEFAULTS if self.is_text else CNN_DEFAULTS).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if isinstance(self.train_subset, str) and self.train_subset != "all":
+            raise ValueError(
+                f"train_subset must be an int, 'all' or None, got {self.train_subset!r}"
+            )
+        if isinstance(self.representative, list):
+            self.representative = tuple(self.representative)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.prune not in PRUNE_METHODS:
+            raise ValueError(f"prune must be one of {PRUNE_METHODS}, got {self.prune!r}")
+        for name in ("max_epochs", "retrain_epochs", "batch_size"):
+            if getattr(self, name) < (0 if name == "retrain_epochs" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def _check_images(self) -> None:
+        if self.model_path is not None:
+            raise ValueError(
+                "model_path (--model-path) names a Hugging Face checkpoint for text tasks; "
+                "pass a task (--task rt-polarity, sst2, mrpc or rte) or drop it"
+            )
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+
+    def _check_text(self) -> None:
+        if self.task not in TEXT_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TEXT_TASKS)}")
+        if self.dataset is not None:
+            raise ValueError(
+                f"a run has either a text task or an image dataset, got task {self.task!r} "
+                f"and dataset {self.dataset!r}"
+            )
+        named = (EMBEDDED_MODEL, model_name(self.model_path))
+        if self.model is not None and self.model not in named:
+            known = "a CNN" if self.model in MODELS else "unknown"
+            raise ValueError(
+                f"model {self.model!r} is {known}; text tasks fine-tune the embedded "
+                f"{EMBEDDED_MODEL} or a local checkpoint given as model_path (--model-path)"
+            )
+        if self.prune != "unstructured":
+            raise ValueError(
+                "text runs prune attention weights with unstructured masks; structured "
+                f"pruning removes BatchNorm channels of CNNs (got prune={self.prune!r})"
+            )
+        self.model = model_name(self.model_path)
+        if self.train_subset is None:
+            self.train_subset = TEXT_TASKS[self.task].default_train_subset or "all"
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")

@@ -1,0 +1,116 @@
+"""What a run trains: its model, data loaders and optimizer, and how a batch goes through.
+
+Image runs (``config.dataset``) train a CIFAR-style CNN from scratch on ``(images,
+labels)`` batches. Text runs (``config.task``) fine-tune a pretrained transformer with a
+new classification head on tokenized batches padded to their longest sequence. The
+pipeline's search → prune → retrain loop is the same for both.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from worm_fast.data import TokenizedText, load_dataset, load_text_task, make_loader, random_subset
+from worm_fast.experiments.config import RunConfig
+from worm_fast.models import build_model, load_classifier, load_tokenizer
+from worm_fast.optim import TruncatingOptimizer, WormAdamW, WormSGD
+from worm_fast.train import Forward, classify_images, classify_tokens
+
+IMAGE_EVAL_BATCH_SIZE = 512
+# Evaluation pads each batch to its longest sequence: small batches waste less on padding.
+TEXT_EVAL_BATCH_SIZE = 64
+
+
+@dataclass
+class Workload:
+    model: nn.Module
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    forward: Forward  # (model, batch, device) -> (logits, labels)
+    # One sample as the model takes it (batch of 1), for FLOP counting and channel
+    # pruning; for text, token ids of the training set's mean length.
+    example_input: torch.Tensor
+    train_samples: int
+    eval_samples: int
+
+
+def build_workload(config: RunConfig, *, initial_state: dict | None = None) -> Workload:
+    """The run's model (initialized from ``config.seed``, or ``initial_state``) and data."""
+    torch.manual_seed(config.seed)
+    workload = _text(config) if config.is_text else _images(config)
+    if initial_state is not None:
+        workload.model.load_state_dict(initial_state)
+    workload.model.to(config.device)
+    return workload
+
+
+def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
+    """The initial weights of the run's model for ``config.seed`` (for a text model, the
+    pretrained body and the seeded new head)."""
+    model = build_workload(config).model
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def make_optimizer(config: RunConfig, params) -> TruncatingOptimizer:
+    if config.optimizer == "sgd":
+        return WormSGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+            backend=config.backend,
+        )  # fmt: skip
+    return WormAdamW(params, lr=config.lr, weight_decay=config.weight_decay, backend=config.backend)
+
+
+def _train_size(config: RunConfig) -> int | None:
+    return None if config.train_subset == "all" else config.train_subset
+
+
+def _images(config: RunConfig) -> Workload:
+    train_set, test_set, info = load_dataset(
+        config.dataset, data_dir=config.data_dir, train_subset=_train_size(config),
+        test_subset=config.test_subset, seed=config.seed,
+    )  # fmt: skip
+    model = build_model(
+        config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+        width=config.width,
+    )  # fmt: skip
+    return Workload(
+        model=model,
+        train_loader=make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed),
+        eval_loader=make_loader(test_set, IMAGE_EVAL_BATCH_SIZE, shuffle=False, seed=config.seed),
+        forward=classify_images,
+        example_input=test_set[0][0].unsqueeze(0),
+        train_samples=len(train_set),
+        eval_samples=len(test_set),
+    )
+
+
+def _text(config: RunConfig) -> Workload:
+    from transformers import DataCollatorWithPadding
+
+    train, dev, task = load_text_task(config.task, data_dir=config.data_dir)
+    train = random_subset(train, _train_size(config), seed=config.seed, what="train_subset")
+    dev = random_subset(dev, config.test_subset, seed=config.seed, what="test_subset")
+    tokenizer = load_tokenizer(config.model_path)
+    train_set = TokenizedText(train, tokenizer, config.max_length)
+    dev_set = TokenizedText(dev, tokenizer, config.max_length)
+    model = load_classifier(
+        config.model_path, num_labels=task.num_classes, pad_token_id=tokenizer.pad_token_id
+    )
+    pad = DataCollatorWithPadding(tokenizer)
+    # Token values do not change the FLOPs, only the length does.
+    example = torch.zeros(1, round(train_set.mean_length()), dtype=torch.long)
+    return Workload(
+        model=model,
+        train_loader=make_loader(
+            train_set, config.batch_size, shuffle=True, seed=config.seed, collate_fn=pad
+        ),
+        eval_loader=make_loader(
+            dev_set, TEXT_EVAL_BATCH_SIZE, shuffle=False, seed=config.seed, collate_fn=pad
+        ),
+        forward=classify_tokens,
+        example_input=example,
+        train_samples=len(train_set),
+        eval_samples=len(dev_set),
+    )
