@@ -1,0 +1,451 @@
+// The CPU inner loops, written once and compiled per instruction set by
+// kernels_{default,avx2,avx512}.cpp. Before including this file a translation unit
+// defines WF_ISA (a namespace name), WF_ISA_NAME (a string), WF_HAVE_FMA and WF_HAVE_F16C
+// (0 or 1), and has already included <cstdint>, worm_fast/cpu_kernels.h (and
+// <immintrin.h> when WF_HAVE_F16C); it gets `worm_fast::cpu::WF_ISA::kTable` and
+// defines its accessor after the pragma region.
+// This file includes nothing itself, so that the `#pragma GCC target` around it applies
+// to these loops and to nothing from the standard library or torch.
+//
+// The loops are plain C++ that GCC and Clang vectorize at -O3: every loop over the
+// elements of a 64-bit mask word has a fixed trip count of 64, the truncation factor is
+// a branchless select `kept ? 1 : r` written into a small array first, and the SGD
+// variant (mask, weight decay, momentum mode, nesterov) is a template parameter, so
+// the element loop holds no branch.
+
+#if !defined(WF_ISA) || !defined(WF_ISA_NAME)
+#error "define WF_ISA and WF_ISA_NAME before including kernels_impl.h"
+#endif
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "worm_fast's packed masks are read as little-endian 64-bit words"
+#endif
+
+namespace worm_fast::cpu {
+namespace WF_ISA {
+namespace {
+
+#define WF_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kWordBits = 64;
+
+WF_INLINE float f32_from_bits(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+WF_INLINE uint32_t bits_from_f32(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+WF_INLINE uint64_t load_u64(const uint8_t* p) {
+  uint64_t w;
+  __builtin_memcpy(&w, p, sizeof(w));
+  return w;
+}
+
+// ---------------------------------------------------------------------------------
+// Storage <-> compute conversions. S is the stored type, T the arithmetic type.
+
+// Io types convert element by element inside the update loop; a "staged" one instead
+// converts whole 64-element blocks to and from T arrays (hardware conversions), and the
+// update runs on those arrays.
+struct FloatIo {
+  using S = float;
+  using T = float;
+  static constexpr bool kStaged = false;
+  static WF_INLINE T load(S x) { return x; }
+  static WF_INLINE S store(T x) { return x; }
+};
+
+struct DoubleIo {
+  using S = double;
+  using T = double;
+  static constexpr bool kStaged = false;
+  static WF_INLINE T load(S x) { return x; }
+  static WF_INLINE S store(T x) { return x; }
+};
+
+// bfloat16: the high half of a float; stores round to nearest even, NaN stays a quiet
+// NaN (the rounding of c10::BFloat16).
+struct BFloat16Io {
+  using S = uint16_t;
+  using T = float;
+  static constexpr bool kStaged = false;
+  static WF_INLINE T load(S x) { return f32_from_bits(static_cast<uint32_t>(x) << 16); }
+  static WF_INLINE S store(T x) {
+    const uint32_t u = bits_from_f32(x);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<S>(x != x ? 0x7FC0u : rounded);
+  }
+};
+
+// IEEE binary16 with integer and float operations only (the branch-free conversions of
+// the FP16 library, which c10::Half also uses), exact in both directions, and
+// vectorizable on any ISA (unlike _Float16, which GCC < 13 does not vectorize).
+struct SoftHalfIo {
+  using S = uint16_t;
+  using T = float;
+  static constexpr bool kStaged = false;
+  static WF_INLINE T load(S h) {
+    const uint32_t w = static_cast<uint32_t>(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t magnitude =
+        two_w < (1u << 27) ? bits_from_f32(denormalized) : bits_from_f32(normalized);
+    return f32_from_bits(sign | magnitude);
+  }
+  static WF_INLINE S store(T f) {
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = bits_from_f32(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = bits_from_f32(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return static_cast<S>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  }
+};
+
+#if WF_HAVE_F16C
+// IEEE binary16 through F16C (vcvtph2ps / vcvtps2ph, round to nearest even), 8 values
+// per instruction; the translation unit includes <immintrin.h> before its pragma.
+struct HalfIo {
+  using S = uint16_t;
+  using T = float;
+  static constexpr bool kStaged = true;
+  static WF_INLINE void load_block(const S* __restrict src, T* __restrict dst, int64_t n) {
+    int64_t i = 0;
+    for (; n - i >= 8; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    }
+    for (; i < n; ++i) {
+      dst[i] = _cvtsh_ss(src[i]);
+    }
+  }
+  static WF_INLINE void store_block(const T* __restrict src, S* __restrict dst, int64_t n) {
+    int64_t i = 0;
+    for (; n - i >= 8; i += 8) {
+      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    }
+    for (; i < n; ++i) {
+      dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+    }
+  }
+};
+#else
+using HalfIo = SoftHalfIo;
+#endif
+
+// a * b + c, fused where the ISA has FMA (as torch's vectorized add(alpha=) is).
+WF_INLINE float fmadd(float a, float b, float c) {
+#if WF_HAVE_FMA
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+WF_INLINE double fmadd(double a, double b, double c) {
+#if WF_HAVE_FMA
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+WF_INLINE float absval(float x) { return __builtin_fabsf(x); }
+WF_INLINE double absval(double x) { return __builtin_fabs(x); }
+
+template <bool B>
+struct Bool {
+  static constexpr bool value = B;
+};
+
+template <int I>
+struct Int {
+  static constexpr int value = I;
+};
+
+template <class F>
+WF_INLINE void with_bool(bool b, F&& f) {
+  if (b) {
+    f(Bool<true>{});
+  } else {
+    f(Bool<false>{});
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Masked SGD.
+
+enum Momentum : int { kNoMomentum = 0, kFirstStep = 1, kRunning = 2 };
+
+template <class T>
+struct SgdConsts {
+  T neg_lr, weight_decay, momentum, one_minus_dampening, truncation, grad_scale, sign;
+};
+
+// fac[k] = bit k of `word` ? 1 : r, in 32-bit lanes so the select vectorizes for float.
+template <class T>
+WF_INLINE void expand_word(uint64_t word, T r, T* __restrict fac) {
+  const uint32_t lo = static_cast<uint32_t>(word);
+  const uint32_t hi = static_cast<uint32_t>(word >> 32);
+  for (int k = 0; k < 32; ++k) {
+    fac[k] = ((lo >> k) & 1u) ? T(1) : r;
+  }
+  for (int k = 0; k < 32; ++k) {
+    fac[32 + k] = ((hi >> k) & 1u) ? T(1) : r;
+  }
+}
+
+// The update of n (= 64 when kFull) consecutive elements; the formula of
+// reference.masked_sgd_step_, with torch.optim.SGD's rounding (add(alpha=) as FMA).
+template <class Io, bool kFull, bool kMask, bool kWd, int kMom, bool kNesterov>
+WF_INLINE void sgd_elements(typename Io::S* __restrict p, const typename Io::S* __restrict g,
+                         typename Io::S* __restrict b, const typename Io::T* __restrict fac,
+                         const SgdConsts<typename Io::T>& c, int64_t n) {
+  using T = typename Io::T;
+  const int64_t m = kFull ? kWordBits : n;
+  for (int64_t k = 0; k < m; ++k) {
+    T grad = Io::load(g[k]) / c.grad_scale;
+    if constexpr (kMask) {
+      grad = grad * fac[k];
+    }
+    grad = grad * c.sign;
+    T param = Io::load(p[k]);
+    if constexpr (kWd) {
+      grad = fmadd(param, c.weight_decay, grad);
+    }
+    if constexpr (kMom != kNoMomentum) {
+      T buf;
+      if constexpr (kMom == kFirstStep) {
+        buf = grad;
+      } else {
+        buf = fmadd(grad, c.one_minus_dampening, Io::load(b[k]) * c.momentum);
+      }
+      b[k] = Io::store(buf);
+      grad = kNesterov ? fmadd(buf, c.momentum, grad) : buf;
+    }
+    p[k] = Io::store(fmadd(grad, c.neg_lr, param));
+  }
+}
+
+template <class Io, bool kFull, bool kMask, bool kWd, int kMom, bool kNesterov>
+WF_INLINE void sgd_block(typename Io::S* __restrict p, const typename Io::S* __restrict g,
+                         typename Io::S* __restrict b, const typename Io::T* __restrict fac,
+                         const SgdConsts<typename Io::T>& c, int64_t n) {
+  using T = typename Io::T;
+  if constexpr (Io::kStaged) {
+    static_assert(sizeof(T) == sizeof(float), "staged conversion computes in float");
+    const int64_t m = kFull ? kWordBits : n;
+    T ps[kWordBits], gs[kWordBits], bs[kWordBits];
+    Io::load_block(p, ps, m);
+    Io::load_block(g, gs, m);
+    if constexpr (kMom == kRunning) {
+      Io::load_block(b, bs, m);
+    }
+    sgd_elements<FloatIo, kFull, kMask, kWd, kMom, kNesterov>(ps, gs, bs, fac, c, n);
+    Io::store_block(ps, p, m);
+    if constexpr (kMom != kNoMomentum) {
+      Io::store_block(bs, b, m);
+    }
+  } else {
+    sgd_elements<Io, kFull, kMask, kWd, kMom, kNesterov>(p, g, b, fac, c, n);
+  }
+}
+
+template <class Io, bool kMask, bool kWd, int kMom, bool kNesterov>
+void sgd_loop(const SgdTensor& t, const SgdConsts<typename Io::T>& c, int64_t begin,
+              int64_t end) {
+  using S = typename Io::S;
+  using T = typename Io::T;
+  S* p = static_cast<S*>(t.param);
+  const S* g = static_cast<const S*>(t.grad);
+  S* b = kMom != kNoMomentum ? static_cast<S*>(t.buf) : nullptr;
+  for (int64_t base = begin; base < end; base += kWordBits) {
+    T fac[kWordBits];
+    if constexpr (kMask) {
+      expand_word(load_u64(t.mask + base / 8), c.truncation, fac);
+    }
+    S* bb = kMom != kNoMomentum ? b + base : nullptr;
+    if (end - base >= kWordBits) {
+      sgd_block<Io, true, kMask, kWd, kMom, kNesterov>(p + base, g + base, bb, fac, c, 0);
+    } else {
+      sgd_block<Io, false, kMask, kWd, kMom, kNesterov>(p + base, g + base, bb, fac, c,
+                                                        end - base);
+    }
+  }
+}
+
+template <class Io>
+void sgd_typed(const SgdTensor& t, const SgdConfig& cfg, int64_t begin, int64_t end) {
+  using T = typename Io::T;
+  const SgdConsts<T> c{static_cast<T>(-cfg.lr),
+                       static_cast<T>(cfg.weight_decay),
+                       static_cast<T>(cfg.momentum),
+                       static_cast<T>(1.0 - cfg.dampening),
+                       static_cast<T>(cfg.truncation),
+                       static_cast<T>(cfg.grad_scale),
+                       cfg.maximize ? T(-1) : T(1)};
+  const int mom = cfg.momentum == 0.0 ? kNoMomentum : (cfg.is_first_step ? kFirstStep : kRunning);
+  const auto run = [&](auto mask, auto wd, auto nesterov, auto momentum) {
+    sgd_loop<Io, decltype(mask)::value, decltype(wd)::value, decltype(momentum)::value,
+             decltype(nesterov)::value>(t, c, begin, end);
+  };
+  with_bool(t.mask != nullptr, [&](auto mask) {
+    with_bool(cfg.weight_decay != 0.0, [&](auto wd) {
+      if (mom == kNoMomentum) {
+        run(mask, wd, Bool<false>{}, Int<kNoMomentum>{});
+      } else {
+        with_bool(cfg.nesterov, [&](auto nesterov) {
+          if (mom == kFirstStep) {
+            run(mask, wd, nesterov, Int<kFirstStep>{});
+          } else {
+            run(mask, wd, nesterov, Int<kRunning>{});
+          }
+        });
+      }
+    });
+  });
+}
+
+void sgd_range(const SgdTensor& t, const SgdConfig& c, int64_t begin, int64_t end) {
+  switch (t.kind) {
+    case ScalarKind::Float:
+      return sgd_typed<FloatIo>(t, c, begin, end);
+    case ScalarKind::Double:
+      return sgd_typed<DoubleIo>(t, c, begin, end);
+    case ScalarKind::Half:
+      return sgd_typed<HalfIo>(t, c, begin, end);
+    case ScalarKind::BFloat16:
+      return sgd_typed<BFloat16Io>(t, c, begin, end);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// pack_mask: bit k of word w = |values[64 w + k]| > threshold.
+
+template <class Io>
+WF_INLINE uint64_t pack_full_word(const typename Io::S* __restrict v, typename Io::T thr) {
+  if constexpr (sizeof(typename Io::T) == 8) {
+    uint64_t word = 0;
+    for (int k = 0; k < 64; ++k) {
+      word |= static_cast<uint64_t>(absval(Io::load(v[k])) > thr) << k;
+    }
+    return word;
+  } else {
+    uint32_t lo = 0;
+    uint32_t hi = 0;
+    for (int k = 0; k < 32; ++k) {
+      lo |= static_cast<uint32_t>(absval(Io::load(v[k])) > thr) << k;
+    }
+    for (int k = 0; k < 32; ++k) {
+      hi |= static_cast<uint32_t>(absval(Io::load(v[32 + k])) > thr) << k;
+    }
+    return static_cast<uint64_t>(lo) | (static_cast<uint64_t>(hi) << 32);
+  }
+}
+
+template <class Io>
+void pack_typed(const void* values, double threshold, int64_t numel, uint64_t* out,
+                int64_t word_begin, int64_t word_end) {
+  using S = typename Io::S;
+  using T = typename Io::T;
+  const S* v = static_cast<const S*>(values);
+  const T thr = static_cast<T>(threshold);
+  for (int64_t w = word_begin; w < word_end; ++w) {
+    const int64_t base = w * kWordBits;
+    if (numel - base >= kWordBits) {
+      out[w] = pack_full_word<Io>(v + base, thr);
+    } else {
+      uint64_t word = 0;
+      for (int64_t k = 0; k < numel - base; ++k) {
+        word |= static_cast<uint64_t>(absval(Io::load(v[base + k])) > thr) << k;
+      }
+      out[w] = word;
+    }
+  }
+}
+
+void pack_range(const void* values, ScalarKind kind, double threshold, int64_t numel,
+                uint64_t* out, int64_t word_begin, int64_t word_end) {
+  switch (kind) {
+    case ScalarKind::Float:
+      return pack_typed<FloatIo>(values, threshold, numel, out, word_begin, word_end);
+    case ScalarKind::Double:
+      return pack_typed<DoubleIo>(values, threshold, numel, out, word_begin, word_end);
+    case ScalarKind::Half:
+      return pack_typed<SoftHalfIo>(values, threshold, numel, out, word_begin, word_end);
+    case ScalarKind::BFloat16:
+      return pack_typed<BFloat16Io>(values, threshold, numel, out, word_begin, word_end);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// unpack_mask: one 8-byte table entry per mask byte (byte k of entry b = bit k of b).
+
+struct ByteTable {
+  uint64_t entry[256];
+};
+
+constexpr ByteTable make_byte_table() {
+  ByteTable t{};
+  for (int b = 0; b < 256; ++b) {
+    uint64_t e = 0;
+    for (int k = 0; k < 8; ++k) {
+      e |= static_cast<uint64_t>((b >> k) & 1) << (8 * k);
+    }
+    t.entry[b] = e;
+  }
+  return t;
+}
+
+constexpr ByteTable kByteTable = make_byte_table();
+
+void unpack_range(const uint8_t* packed, bool* out, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; end - i >= 8; i += 8) {
+    __builtin_memcpy(out + i, &kByteTable.entry[packed[i / 8]], 8);
+  }
+  for (; i < end; ++i) {
+    out[i] = (packed[i / 8] >> (i % 8)) & 1;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// hamming_window: popcount(current ^ row), 64 bits at a time.
+
+void hamming_range(const uint8_t* current, const uint8_t* window, int64_t row_stride,
+                   int64_t rows, int64_t byte_begin, int64_t byte_end, int64_t* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = window + r * row_stride;
+    int64_t bits = 0;
+    int64_t i = byte_begin;
+    for (; byte_end - i >= 8; i += 8) {
+      bits += __builtin_popcountll(load_u64(current + i) ^ load_u64(row + i));
+    }
+    for (; i < byte_end; ++i) {
+      bits += __builtin_popcount(static_cast<unsigned>(current[i] ^ row[i]));
+    }
+    acc[r] += bits;
+  }
+}
+
+// Constant-initialized: no code compiled for this ISA runs when the table is chosen.
+constexpr KernelTable kTable{WF_ISA_NAME, sgd_range, pack_range, unpack_range, hamming_range};
+
+}  // namespace
+}  // namespace WF_ISA
+}  // namespace worm_fast::cpu
+
+#undef WF_INLINE

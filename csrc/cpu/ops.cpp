@@ -1,0 +1,263 @@
+// CPU kernels of the worm_fast ops: argument checks, work split across threads, and the
+// call into the inner loops of the instruction set this CPU runs (cpu_kernels.h).
+//
+// Semantics are those of worm_fast/backends/reference.py, line for line.
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "worm_fast/common.h"
+#include "worm_fast/cpu_kernels.h"
+
+namespace worm_fast::cpu {
+
+const KernelTable& selected_kernels() {
+  static const KernelTable* table = [] {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+    // Follow torch's own choice (so ATEN_CPU_CAPABILITY=avx2/default applies to us too),
+    // and never pick an ISA the CPU lacks.
+    const std::string capability = at::get_cpu_capability();
+    __builtin_cpu_init();
+    const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi2")
+#if !defined(__clang__)
+                          && __builtin_cpu_supports("f16c")
+#endif
+        ;
+    const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
+                            __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") &&
+                            __builtin_cpu_supports("avx512dq");
+    if (capability == "AVX512" && has_avx512) {
+      return &kernels_avx512();
+    }
+    if ((capability == "AVX512" || capability == "AVX2") && has_avx2) {
+      return &kernels_avx2();
+    }
+#endif
+    return &kernels_default();
+  }();
+  return *table;
+}
+
+namespace {
+
+// Elements per work item of the SGD step (a multiple of 64, so items start on mask
+// words). Items of all tensors go into one list that the threads split evenly, so a
+// small tensor never costs a parallel region of its own.
+constexpr int64_t kSgdChunk = 16384;
+// Below this many elements in total the step runs on the calling thread.
+constexpr int64_t kSgdSerialBelow = 32768;
+// Packed words per task of pack_mask (64 values each), bytes per task of unpack_mask.
+constexpr int64_t kPackGrainWords = 1024;
+constexpr int64_t kUnpackGrainBytes = 8192;
+// Bytes per task of hamming_window (a multiple of 8).
+constexpr int64_t kHammingChunkBytes = 1 << 16;
+
+ScalarKind kind_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return ScalarKind::Float;
+    case at::kDouble:
+      return ScalarKind::Double;
+    case at::kHalf:
+      return ScalarKind::Half;
+    case at::kBFloat16:
+      return ScalarKind::BFloat16;
+    default:
+      TORCH_CHECK(false, "worm_fast: unsupported dtype ", dtype);
+  }
+}
+
+at::Tensor pack_mask_cpu(const at::Tensor& values, const at::Tensor& threshold) {
+  check_pack_mask_args(values, threshold);
+  TORCH_CHECK(values.device().is_cpu(), "worm_fast.pack_mask (CPU): values are on ",
+              values.device());
+  // Non-float values compare in float32, as the reference does.
+  const at::Tensor v = is_supported_float(values.scalar_type())
+                           ? values.contiguous()
+                           : values.contiguous().to(at::kFloat);
+  const double thr = threshold.item<double>();  // rounded to the compute dtype below
+  const int64_t numel = v.numel();
+  const int64_t nbytes = packed_nbytes(numel);
+  at::Tensor out = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+  auto* words = reinterpret_cast<uint64_t*>(out.data_ptr<uint8_t>());
+  const void* data = v.const_data_ptr();
+  const ScalarKind kind = kind_of(v.scalar_type());
+  const KernelTable& k = selected_kernels();
+  at::parallel_for(0, nbytes / 8, kPackGrainWords, [&](int64_t begin, int64_t end) {
+    k.pack_range(data, kind, thr, numel, words, begin, end);
+  });
+  return out;
+}
+
+at::Tensor unpack_mask_cpu(const at::Tensor& packed, c10::SymInt numel_sym) {
+  const int64_t numel = numel_sym.guard_int(__FILE__, __LINE__);
+  check_unpack_mask_args(packed, numel);
+  const at::Tensor p = packed.contiguous();
+  at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kBool).device(at::kCPU));
+  const uint8_t* src = p.const_data_ptr<uint8_t>();
+  bool* dst = out.data_ptr<bool>();
+  const KernelTable& k = selected_kernels();
+  at::parallel_for(0, (numel + 7) / 8, kUnpackGrainBytes, [&](int64_t begin, int64_t end) {
+    k.unpack_range(src, dst, begin * 8, std::min(end * 8, numel));
+  });
+  return out;
+}
+
+at::Tensor hamming_window_cpu(const at::Tensor& current, const at::Tensor& window) {
+  check_hamming_window_args(current, window);
+  const int64_t rows = window.size(0);
+  const int64_t nbytes = window.size(1);
+  at::Tensor out = at::zeros({rows}, at::TensorOptions().dtype(at::kLong).device(at::kCPU));
+  if (rows == 0 || nbytes == 0) {
+    return out;
+  }
+  const at::Tensor cur = current.contiguous();
+  const at::Tensor win = window.contiguous();
+  const int64_t chunks = (nbytes + kHammingChunkBytes - 1) / kHammingChunkBytes;
+  // One row of partial sums per chunk, summed on this thread: no atomics, no sharing.
+  std::vector<int64_t> partial(chunks * rows, 0);
+  const uint8_t* c = cur.const_data_ptr<uint8_t>();
+  const uint8_t* w = win.const_data_ptr<uint8_t>();
+  const KernelTable& k = selected_kernels();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t lo = i * kHammingChunkBytes;
+      const int64_t hi = std::min(nbytes, lo + kHammingChunkBytes);
+      k.hamming_range(c, w, nbytes, rows, lo, hi, partial.data() + i * rows);
+    }
+  });
+  int64_t* result = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < chunks; ++i) {
+    for (int64_t r = 0; r < rows; ++r) {
+      result[r] += partial[i * rows + r];
+    }
+  }
+  return out;
+}
+
+struct WorkItem {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
+                         at::TensorList momentum_buffers,
+                         const c10::List<std::optional<at::Tensor>>& masks, double lr,
+                         double weight_decay, double momentum, double dampening, bool nesterov,
+                         bool maximize, bool is_first_step, double truncation,
+                         const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, c10::DeviceType::CPU);
+  if (params.empty()) {
+    return;
+  }
+  check_scalar_tensor(lr_tensor, "lr_tensor", params[0]);
+  check_scalar_tensor(grad_scale, "grad_scale", params[0]);
+  check_scalar_tensor(found_inf, "found_inf", params[0]);
+  // A step with an inf/NaN gradient (GradScaler) changes nothing.
+  if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) {
+    return;
+  }
+  const SgdConfig config{
+      lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr,
+      weight_decay,
+      momentum,
+      dampening,
+      truncation,
+      grad_scale.has_value() && grad_scale->defined() ? grad_scale->item<double>() : 1.0,
+      nesterov,
+      maximize,
+      is_first_step};
+
+  const size_t n = params.size();
+  std::vector<at::Tensor> keep_alive;  // contiguous copies of strided grads / masks
+  std::vector<SgdTensor> tensors;
+  std::vector<WorkItem> items;
+  tensors.reserve(n);
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const int64_t numel = p.numel();
+    if (numel == 0) {
+      continue;
+    }
+    at::Tensor g = grads[i];
+    if (!g.is_contiguous()) {
+      g = g.contiguous();
+      keep_alive.push_back(g);
+    }
+    const uint8_t* mask = nullptr;
+    if (!masks.empty()) {
+      std::optional<at::Tensor> m = masks.get(i);
+      if (m.has_value() && m->defined()) {
+        if (!m->is_contiguous()) {
+          keep_alive.push_back(m->contiguous());
+          m = keep_alive.back();
+        }
+        mask = m->const_data_ptr<uint8_t>();
+      }
+    }
+    void* buf = momentum != 0.0 ? momentum_buffers[i].data_ptr() : nullptr;
+    const auto index = static_cast<int64_t>(tensors.size());
+    tensors.push_back({p.data_ptr(), g.const_data_ptr(), buf, mask, numel,
+                       kind_of(p.scalar_type())});
+    for (int64_t begin = 0; begin < numel; begin += kSgdChunk) {
+      items.push_back({index, begin, std::min(numel, begin + kSgdChunk)});
+    }
+    total += numel;
+  }
+
+  const KernelTable& k = selected_kernels();
+  const auto run = [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      const WorkItem& item = items[j];
+      k.sgd_range(tensors[item.tensor], config, item.begin, item.end);
+    }
+  };
+  const auto count = static_cast<int64_t>(items.size());
+  if (total < kSgdSerialBelow) {
+    run(0, count);
+  } else {
+    at::parallel_for(0, count, 1, run);
+  }
+}
+
+// A sparse tensor among the arguments dispatches here rather than to the CPU kernel (or
+// to the reference, which would fail with an unrelated message).
+void masked_sgd_step_sparse_cpu(at::TensorList params, at::TensorList grads,
+                                at::TensorList momentum_buffers,
+                                const c10::List<std::optional<at::Tensor>>& masks, double,
+                                double, double momentum, double, bool, bool, bool, double,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&) {
+  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, c10::DeviceType::CPU);
+  TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
+}
+
+}  // namespace
+}  // namespace worm_fast::cpu
+
+TORCH_LIBRARY_IMPL(worm_fast, SparseCPU, m) {
+  m.impl("masked_sgd_step_", &worm_fast::cpu::masked_sgd_step_sparse_cpu);
+}
+
+TORCH_LIBRARY_IMPL(worm_fast, CPU, m) {
+  m.impl("pack_mask", &worm_fast::cpu::pack_mask_cpu);
+  m.impl("unpack_mask", &worm_fast::cpu::unpack_mask_cpu);
+  m.impl("hamming_window", &worm_fast::cpu::hamming_window_cpu);
+  m.impl("masked_sgd_step_", &worm_fast::cpu::masked_sgd_step_cpu);
+}

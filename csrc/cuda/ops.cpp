@@ -1,0 +1,190 @@
+// CUDA registrations of the worm_fast ops: argument checks, device scalars, and the
+// calls into the launchers of cuda_kernels.h (compiled by nvcc in *.cu). Built only when
+// setup.py finds a CUDA toolkit. Nothing here synchronizes with the device: a scalar
+// given as a CUDA tensor (threshold, lr, grad_scale, found_inf) is read by the kernels;
+// one given as a CPU tensor is read on the host, which costs no sync.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "worm_fast/common.h"
+#include "worm_fast/cuda_kernels.h"
+
+namespace worm_fast::cuda {
+namespace {
+
+ScalarKind kind_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return ScalarKind::Float;
+    case at::kDouble:
+      return ScalarKind::Double;
+    case at::kHalf:
+      return ScalarKind::Half;
+    case at::kBFloat16:
+      return ScalarKind::BFloat16;
+    default:
+      TORCH_CHECK(false, "worm_fast: unsupported dtype ", dtype);
+  }
+}
+
+// The dtype the kernels compute in for parameters of `dtype`.
+at::ScalarType compute_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A CUDA scalar tensor converted (on the stream) to `dtype`, kept alive in `keep`, as a
+// device pointer; a CPU one read into `host` instead (null pointer).
+const void* device_scalar(const std::optional<at::Tensor>& t, at::ScalarType dtype,
+                          std::vector<at::Tensor>& keep, double& host) {
+  if (!t.has_value() || !t->defined()) {
+    return nullptr;
+  }
+  if (t->device().is_cpu()) {
+    host = t->item<double>();
+    return nullptr;
+  }
+  keep.push_back(t->to(dtype).contiguous());
+  return keep.back().const_data_ptr();
+}
+
+at::Tensor pack_mask_cuda(const at::Tensor& values, const at::Tensor& threshold) {
+  check_pack_mask_args(values, threshold);
+  TORCH_CHECK(values.is_cuda(), "worm_fast.pack_mask (CUDA): values are on ", values.device());
+  const c10::cuda::CUDAGuard device_guard(values.device());
+  // Non-float values compare in float32, as the reference does.
+  const at::Tensor v = is_supported_float(values.scalar_type())
+                           ? values.contiguous()
+                           : values.contiguous().to(at::kFloat);
+  const int64_t nbytes = packed_nbytes(v.numel());
+  at::Tensor out = at::empty({nbytes}, v.options().dtype(at::kByte));
+  std::vector<at::Tensor> keep;
+  double threshold_host = 0.0;
+  const void* threshold_device = device_scalar(
+      std::optional<at::Tensor>(threshold), compute_dtype(v.scalar_type()), keep, threshold_host);
+  launch_pack_mask(kind_of(v.scalar_type()), v.const_data_ptr(), v.numel(), threshold_device,
+                   threshold_host, reinterpret_cast<uint64_t*>(out.data_ptr<uint8_t>()),
+                   nbytes / 8, c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+at::Tensor unpack_mask_cuda(const at::Tensor& packed, c10::SymInt numel_sym) {
+  const int64_t numel = numel_sym.guard_int(__FILE__, __LINE__);
+  check_unpack_mask_args(packed, numel);
+  const c10::cuda::CUDAGuard device_guard(packed.device());
+  const at::Tensor p = packed.contiguous();
+  at::Tensor out = at::empty({numel}, p.options().dtype(at::kBool));
+  launch_unpack_mask(p.const_data_ptr<uint8_t>(), out.data_ptr<bool>(), numel,
+                     c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+at::Tensor hamming_window_cuda(const at::Tensor& current, const at::Tensor& window) {
+  check_hamming_window_args(current, window);
+  TORCH_CHECK(window.is_cuda(), "worm_fast.hamming_window (CUDA): window is on ",
+              window.device());
+  const c10::cuda::CUDAGuard device_guard(window.device());
+  at::Tensor out = at::zeros({window.size(0)}, window.options().dtype(at::kLong));
+  const at::Tensor cur = current.contiguous();
+  const at::Tensor win = window.contiguous();
+  launch_hamming_window(cur.const_data_ptr<uint8_t>(), win.const_data_ptr<uint8_t>(),
+                        win.size(0), win.size(1), out.data_ptr<int64_t>(),
+                        c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
+                          at::TensorList momentum_buffers,
+                          const c10::List<std::optional<at::Tensor>>& masks, double lr,
+                          double weight_decay, double momentum, double dampening, bool nesterov,
+                          bool maximize, bool is_first_step, double truncation,
+                          const std::optional<at::Tensor>& lr_tensor,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, c10::DeviceType::CUDA);
+  if (params.empty()) {
+    return;
+  }
+  check_scalar_tensor(lr_tensor, "lr_tensor", params[0]);
+  check_scalar_tensor(grad_scale, "grad_scale", params[0]);
+  check_scalar_tensor(found_inf, "found_inf", params[0]);
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  std::vector<at::Tensor> keep;  // converted scalars, contiguous grads and masks
+  double found_inf_host = 0.0;
+  const auto* found_inf_device =
+      static_cast<const float*>(device_scalar(found_inf, at::kFloat, keep, found_inf_host));
+  if (found_inf_host != 0.0) {
+    return;  // a CPU flag: nothing to launch
+  }
+
+  // One launch sequence per parameter dtype (each computes in its own dtype).
+  for (const at::ScalarType dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    std::vector<SgdTensor> tensors;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].scalar_type() != dtype || params[i].numel() == 0) {
+        continue;
+      }
+      at::Tensor g = grads[i];
+      if (!g.is_contiguous()) {
+        keep.push_back(g.contiguous());
+        g = keep.back();
+      }
+      const uint8_t* mask = nullptr;
+      if (!masks.empty()) {
+        const std::optional<at::Tensor> m = masks.get(i);
+        if (m.has_value() && m->defined()) {
+          keep.push_back(m->contiguous());
+          mask = keep.back().const_data_ptr<uint8_t>();
+        }
+      }
+      void* buf = momentum != 0.0 ? momentum_buffers[i].data_ptr() : nullptr;
+      tensors.push_back({params[i].data_ptr(), g.const_data_ptr(), buf, mask, params[i].numel()});
+    }
+    if (tensors.empty()) {
+      continue;
+    }
+    SgdStep step{lr,       weight_decay, momentum,      dampening, truncation, 1.0,
+                 nesterov, maximize,     is_first_step, nullptr,   nullptr,    found_inf_device};
+    step.lr_device = device_scalar(lr_tensor, compute_dtype(dtype), keep, step.lr);
+    step.grad_scale_device =
+        device_scalar(grad_scale, compute_dtype(dtype), keep, step.grad_scale);
+    launch_masked_sgd(kind_of(dtype), tensors.data(), static_cast<int64_t>(tensors.size()),
+                      step, stream);
+  }
+}
+
+// Sparse gradients dispatch here (SparseCUDA) and get the same clear error as on the CPU.
+void masked_sgd_step_sparse_cuda(at::TensorList params, at::TensorList grads,
+                                 at::TensorList momentum_buffers,
+                                 const c10::List<std::optional<at::Tensor>>& masks, double,
+                                 double, double momentum, double, bool, bool, bool, double,
+                                 const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&) {
+  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum,
+                        c10::DeviceType::CUDA);
+  TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
+}
+
+}  // namespace
+}  // namespace worm_fast::cuda
+
+TORCH_LIBRARY_IMPL(worm_fast, CUDA, m) {
+  m.impl("pack_mask", &worm_fast::cuda::pack_mask_cuda);
+  m.impl("unpack_mask", &worm_fast::cuda::unpack_mask_cuda);
+  m.impl("hamming_window", &worm_fast::cuda::hamming_window_cuda);
+  m.impl("masked_sgd_step_", &worm_fast::cuda::masked_sgd_step_cuda);
+}
+
+TORCH_LIBRARY_IMPL(worm_fast, SparseCUDA, m) {
+  m.impl("masked_sgd_step_", &worm_fast::cuda::masked_sgd_step_sparse_cuda);
+}

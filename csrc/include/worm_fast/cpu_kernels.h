@@ -1,0 +1,68 @@
+// The CPU inner loops of worm_fast, behind a torch-free interface.
+//
+// csrc/cpu/kernels_impl.h holds the loops once, as templates over the storage type and
+// the SGD variant; csrc/cpu/kernels_{default,avx2,avx512}.cpp compile them for one
+// instruction set each (no torch header in those files, so nothing compiled for a
+// wider ISA can leak into code that runs elsewhere). csrc/cpu/ops.cpp validates the
+// tensors, splits the work across threads and calls the table that matches the CPU
+// capability torch itself runs at (`torch.backends.cpu.get_cpu_capability()`,
+// overridable with ATEN_CPU_CAPABILITY).
+#pragma once
+
+#include <cstdint>
+
+#include "worm_fast/scalar_kind.h"
+
+namespace worm_fast::cpu {
+
+using ::worm_fast::ScalarKind;
+
+// Hyperparameters of one masked SGD step, already resolved on the host (lr from the lr
+// tensor, grad_scale = 1 when absent). See worm_fast/backends/reference.py.
+struct SgdConfig {
+  double lr;
+  double weight_decay;
+  double momentum;
+  double dampening;
+  double truncation;
+  double grad_scale;
+  bool nesterov;
+  bool maximize;
+  bool is_first_step;
+};
+
+// One tensor of the step. buf is null when momentum == 0; mask is null when the tensor
+// has no truncation mask (packed, DESIGN §3.1, padded to whole 64-bit words).
+struct SgdTensor {
+  void* param;
+  const void* grad;
+  void* buf;
+  const uint8_t* mask;
+  int64_t numel;
+  ScalarKind kind;
+};
+
+struct KernelTable {
+  const char* isa;
+  // Elements [begin, end) of one tensor; begin is a multiple of 64.
+  void (*sgd_range)(const SgdTensor& t, const SgdConfig& c, int64_t begin, int64_t end);
+  // Packed words [word_begin, word_end) of kept = |values| > threshold, over `numel`
+  // values (words past the end are written as zero).
+  void (*pack_range)(const void* values, ScalarKind kind, double threshold, int64_t numel,
+                     uint64_t* out, int64_t word_begin, int64_t word_end);
+  // Bools [begin, end) of an unpacked mask; begin is a multiple of 8.
+  void (*unpack_range)(const uint8_t* packed, bool* out, int64_t begin, int64_t end);
+  // acc[r] += differing bits between current and row r over bytes [byte_begin,
+  // byte_end); rows are `row_stride` bytes apart. Any alignment.
+  void (*hamming_range)(const uint8_t* current, const uint8_t* window, int64_t row_stride,
+                        int64_t rows, int64_t byte_begin, int64_t byte_end, int64_t* acc);
+};
+
+const KernelTable& kernels_default();
+const KernelTable& kernels_avx2();    // AVX2 + FMA + F16C + POPCNT
+const KernelTable& kernels_avx512();  // AVX-512 F/BW/VL/DQ + the above
+
+// The table the CPU ops use (chosen once, from torch's CPU capability and the CPU).
+const KernelTable& selected_kernels();
+
+}  // namespace worm_fast::cpu

@@ -1,0 +1,65 @@
+// The CUDA kernels of worm_fast, behind a torch-free launch interface.
+//
+// csrc/cuda/*.cu hold the kernels and these launchers and include only CUDA and light
+// c10 headers, so nvcc compiles them in seconds; csrc/cuda/ops.cpp (host compiler)
+// validates the tensors, resolves the device scalars and registers the ops for the
+// CUDA dispatch key. Every launcher enqueues on `stream` and never synchronizes.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "worm_fast/scalar_kind.h"
+
+namespace worm_fast::cuda {
+
+// One tensor of the SGD step: buf is null when momentum == 0, mask null when the tensor
+// is not truncated. param, grad and buf are contiguous, of the step's dtype.
+struct SgdTensor {
+  void* param;
+  const void* grad;
+  void* buf;
+  const uint8_t* mask;
+  int64_t numel;
+};
+
+// Hyperparameters of one step. The *_device pointers, when not null, override the
+// host values and are read by the kernel: lr_device and grad_scale_device point to one
+// element of the compute dtype (float, or double for float64 parameters), and
+// found_inf_device to a float32 flag that skips the whole step when nonzero.
+struct SgdStep {
+  double lr;
+  double weight_decay;
+  double momentum;
+  double dampening;
+  double truncation;
+  double grad_scale;
+  bool nesterov;
+  bool maximize;
+  bool is_first_step;
+  const void* lr_device;
+  const void* grad_scale_device;
+  const float* found_inf_device;
+};
+
+// All `count` tensors (of one dtype, `kind`) in as few launches as the tensor-list
+// limits allow.
+void launch_masked_sgd(ScalarKind kind, const SgdTensor* tensors, int64_t count,
+                       const SgdStep& step, cudaStream_t stream);
+
+// kept = |values| > threshold over `numel` contiguous values, into `words` 64-bit words
+// (the packed layout of DESIGN §3.1, padding bits zero). threshold_device (compute dtype)
+// overrides threshold_host when not null.
+void launch_pack_mask(ScalarKind kind, const void* values, int64_t numel,
+                      const void* threshold_device, double threshold_host, uint64_t* out,
+                      int64_t words, cudaStream_t stream);
+
+void launch_unpack_mask(const uint8_t* packed, bool* out, int64_t numel, cudaStream_t stream);
+
+// out[r] += differing bits between current [nbytes] and row r of window [rows, nbytes]
+// (both contiguous); `out` must be zeroed first.
+void launch_hamming_window(const uint8_t* current, const uint8_t* window, int64_t rows,
+                           int64_t nbytes, int64_t* out, cudaStream_t stream);
+
+}  // namespace worm_fast::cuda
