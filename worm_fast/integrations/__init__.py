@@ -1,0 +1,2 @@
+"""Integrations with training frameworks; each module imports its framework on use
+(``worm_fast.integrations.huggingface`` needs ``transformers`` and ``accelerate``)."""

@@ -1,0 +1,194 @@
+"""Early-Bird / WORM ticket search inside a Hugging Face ``Trainer`` run.
+
+    from transformers import Trainer, TrainingArguments
+    from worm_fast.integrations.huggingface import WormCallback, load_ticket, worm_adamw
+
+    args = TrainingArguments("out", num_train_epochs=10, learning_rate=2e-5)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train,
+        optimizer_cls_and_kwargs=worm_adamw(args),  # truncation fused into AdamW's step
+        callbacks=[WormCallback(mode="worm", save_dir="out/ticket")],
+    )
+    trainer.train()  # stops at the epoch end where the ticket converges
+    worm_fast.prune.apply_unstructured(model, load_ticket("out/ticket/ticket.pt").bool_masks())
+
+The callback builds an :class:`~worm_fast.search.EarlyBirdSearch` over the model and the
+Trainer's optimizer when training begins, runs one check of Algorithm 1 at every epoch
+end (or every ``check_every_steps`` optimizer steps), and stops training once the ticket
+converges. Search settings default to the paper's for transformers (stop distance 0.01,
+window 3, trigger margin 0.005, r = 3e-3, prune ratio 0.5, query and key weights as
+representative layers). Modes ``worm`` and ``truncate`` need a WormAdamW (or WormSGD);
+``eb`` works with any optimizer. A search does not survive ``resume_from_checkpoint``:
+it starts afresh.
+
+Files in ``save_dir``: ``search.json`` (settings and every check, rewritten after each)
+and ``ticket.pt`` once the ticket converges; a search that ends without converging saves
+its newest mask as ``candidate.pt`` instead.
+"""
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from worm_fast.optim import WormAdamW
+from worm_fast.representative import PAPER_SEARCH_SETTINGS
+from worm_fast.search import EarlyBirdSearch, Ticket
+
+logger = logging.getLogger(__name__)
+
+
+def worm_adamw(args: TrainingArguments, **overrides) -> tuple[type, dict]:
+    """``(WormAdamW, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, with the
+    learning rate, betas, epsilon and weight decay of ``args``.
+
+    The Trainer still builds the parameter groups, so biases and LayerNorm weights get
+    no weight decay, as with its own AdamW; ``overrides`` replace any keyword argument.
+    """
+    kwargs = dict(
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+    return WormAdamW, {**kwargs, **overrides}
+
+
+def _truncating_optimizer(optimizer):
+    """The optimizer under accelerate's wrapper (``AcceleratedOptimizer.optimizer``)."""
+    while not hasattr(optimizer, "set_truncation") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class WormCallback(TrainerCallback):
+    """Runs the Early-Bird / WORM search in a ``Trainer`` and stops once the ticket converges.
+
+    Args:
+        check_every_steps: check every this many optimizer steps; None: at epoch ends.
+        save_dir: where to write ``search.json`` and the ticket; None: keep them in memory
+            only (``.search``, ``.search.ticket``).
+        **search_kwargs: :class:`~worm_fast.search.EarlyBirdSearch` settings (``mode``,
+            ``prune_ratio``, ``stop_distance``, ``window``, ``trigger_margin``,
+            ``truncation``, ``scope``, ``representative``, ``backend``) over the paper's
+            transformer defaults.
+    """
+
+    def __init__(
+        self,
+        *,
+        check_every_steps: int | None = None,
+        save_dir: str | os.PathLike | None = None,
+        **search_kwargs,
+    ) -> None:
+        if check_every_steps is not None and (
+            isinstance(check_every_steps, bool)
+            or not isinstance(check_every_steps, int)
+            or check_every_steps < 1
+        ):
+            raise ValueError(
+                f"check_every_steps must be a positive int or None, got {check_every_steps!r}"
+            )
+        self.check_every_steps = check_every_steps
+        self.save_dir = None if save_dir is None else Path(save_dir)
+        self.search_kwargs = {**PAPER_SEARCH_SETTINGS["transformer"], **search_kwargs}
+        self.search: EarlyBirdSearch | None = None
+        self.checks: list[dict] = []  # every check's record, with the Trainer's step
+
+    # -- Trainer events ---------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        optimizer = _truncating_optimizer(optimizer)
+        mode = self.search_kwargs.get("mode", "worm")
+        if mode != "eb" and not hasattr(optimizer, "set_truncation"):
+            raise TypeError(
+                f"WormCallback(mode={mode!r}) truncates updates and needs the Trainer to use "
+                "WormAdamW: pass Trainer(optimizer_cls_and_kwargs=worm_adamw(args)), got "
+                f"{type(optimizer).__name__}; or use mode='eb'"
+            )
+        self.search = EarlyBirdSearch(model, optimizer, **self.search_kwargs)
+        self.checks = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.check_every_steps is not None and state.global_step % self.check_every_steps == 0:
+            self._check(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.check_every_steps is None:
+            self._check(state, control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        search = self.search
+        if search is not None and not search.converged and search.records:
+            self._save_ticket(search.candidate(), "candidate.pt", converged=False)
+
+    # -- the search -------------------------------------------------------------------
+
+    def _check(self, state, control) -> None:
+        if self.search is None or self.search.converged:
+            return  # after convergence the Trainer is stopping; nothing is left to decide
+        record = self.search.check()
+        entry = asdict(record)
+        entry["check"] = entry.pop("epoch")  # the record counts checks, not Trainer epochs
+        self.checks.append({**entry, "global_step": state.global_step, "epoch": state.epoch})
+        logger.info(
+            "Early-Bird check %d at step %d: d_max=%s d_avg=%s r=%g%s",
+            record.epoch, state.global_step, record.d_max, record.d_avg, record.r,
+            " (converged)" if record.converged else "",
+        )  # fmt: skip
+        self._save_checks()
+        if record.converged:
+            self._save_ticket(self.search.ticket, "ticket.pt", converged=True)
+            control.should_training_stop = True
+
+    def _save_checks(self) -> None:
+        if self.save_dir is None:
+            return
+        document = {
+            "settings": {**self.search.config, "representative": self._representative()},
+            "representative_parameters": list(self.search.params),
+            "converged": self.search.converged,
+            "checks": self.checks,
+        }
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(document, indent=1).encode()
+        _atomic_save(self.save_dir / "search.json", lambda file: file.write(text))
+
+    def _representative(self):
+        representative = self.search_kwargs["representative"]
+        return representative if isinstance(representative, str) else list(representative)
+
+    def _save_ticket(self, ticket: Ticket, name: str, *, converged: bool) -> None:
+        if self.save_dir is None:
+            return
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "check": ticket.epoch,
+            "converged": converged,
+            "packed": {key: mask.cpu() for key, mask in ticket.packed.items()},
+            "shapes": {key: list(shape) for key, shape in ticket.shapes.items()},
+        }
+        _atomic_save(self.save_dir / name, lambda f: torch.save(payload, f))
+
+
+def _atomic_save(path: Path, write) -> None:
+    """Write through a temporary file, so a reader never sees half a file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("wb") as file:
+        write(file)
+    os.replace(temporary, path)
+
+
+def load_ticket(path: str | os.PathLike) -> Ticket:
+    """A ticket (or candidate) saved by :class:`WormCallback`; ``.bool_masks()`` gives the
+    masks by parameter name, for ``worm_fast.prune.apply_unstructured``."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return Ticket(
+        epoch=payload["check"],
+        packed=payload["packed"],
+        shapes={key: torch.Size(shape) for key, shape in payload["shapes"].items()},
+    )
