@@ -7,6 +7,7 @@
 #define WF_ISA_NAME "default"
 #define WF_HAVE_FMA 0
 #define WF_HAVE_F16C 0
+#define WF_HAVE_AVX512 0
 #include "kernels_impl.h"
 
 namespace worm_fast::cpu {

@@ -1,9 +1,9 @@
 // The CPU inner loops, written once and compiled per instruction set by
 // kernels_{default,avx2,avx512}.cpp. Before including this file a translation unit
-// defines WF_ISA (a namespace name), WF_ISA_NAME (a string), WF_HAVE_FMA and WF_HAVE_F16C
-// (0 or 1), and has already included <cstdint>, worm_fast/cpu_kernels.h (and
-// <immintrin.h> when WF_HAVE_F16C); it gets `worm_fast::cpu::WF_ISA::kTable` and
-// defines its accessor after the pragma region.
+// defines WF_ISA (a namespace name), WF_ISA_NAME (a string), WF_HAVE_FMA, WF_HAVE_F16C
+// and WF_HAVE_AVX512 (0 or 1), and has already included <cstdint>,
+// worm_fast/cpu_kernels.h (and <immintrin.h> when WF_HAVE_F16C); it gets
+// `worm_fast::cpu::WF_ISA::kTable` and defines its accessor after the pragma region.
 // This file includes nothing itself, so that the `#pragma GCC target` around it applies
 // to these loops and to nothing from the standard library or torch.
 //
@@ -115,14 +115,21 @@ struct SoftHalfIo {
 };
 
 #if WF_HAVE_F16C
-// IEEE binary16 through F16C (vcvtph2ps / vcvtps2ph, round to nearest even), 8 values
-// per instruction; the translation unit includes <immintrin.h> before its pragma.
+// IEEE binary16 through F16C (vcvtph2ps / vcvtps2ph, round to nearest even), 16 or 8
+// values per instruction; the translation unit includes <immintrin.h> before its pragma
+// (WF_HAVE_AVX512: the 16-wide forms).
 struct HalfIo {
   using S = uint16_t;
   using T = float;
   static constexpr bool kStaged = true;
   static WF_INLINE void load_block(const S* __restrict src, T* __restrict dst, int64_t n) {
     int64_t i = 0;
+#if WF_HAVE_AVX512
+    for (; n - i >= 16; i += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(h));
+    }
+#endif
     for (; n - i >= 8; i += 8) {
       const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
       _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
@@ -133,6 +140,12 @@ struct HalfIo {
   }
   static WF_INLINE void store_block(const T* __restrict src, S* __restrict dst, int64_t n) {
     int64_t i = 0;
+#if WF_HAVE_AVX512
+    for (; n - i >= 16; i += 16) {
+      const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+    }
+#endif
     for (; n - i >= 8; i += 8) {
       const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
