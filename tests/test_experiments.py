@@ -100,3 +100,22 @@ def test_interrupted_run_keeps_the_finished_epochs(tmp_path, monkeypatch, capsys
     assert only["status"] == "interrupted"
     assert [row["epoch"] for row in only["rows"]] == [1, 2]
     assert len((tmp_path / "epochs.csv").read_text().splitlines()) == 3  # header + 2 epochs
+
+
+def test_cnn_runs_share_the_loop_with_any_worm_optimizer():
+    result = run(RunConfig(**{**TINY, "max_epochs": 2, "retrain_epochs": 1}, optimizer="adamw",
+                           lr=1e-3))  # fmt: skip
+    assert result.status == "complete"
+    assert result.config["optimizer"] == "adamw"
+    assert [row["phase"] for row in result.rows] == ["search", "search", "prune", "retrain"]
+
+
+def test_cli_parses_subset_sizes_and_representative_presets():
+    args = cli.build_parser().parse_args(
+        ["compare", "--task", "rt-polarity", "--train-subset", "all", "--representative",
+         "attention_qkv"]
+    )  # fmt: skip
+    config = cli._config(args)
+    assert config.train_subset == "all" and config.representative == "attention_qkv"
+    args = cli.build_parser().parse_args(["search", "--representative", "*.bn1.weight", "fc*"])
+    assert cli._config(args).representative == ("*.bn1.weight", "fc*")

@@ -15,8 +15,13 @@ from pathlib import Path
 
 from worm_fast import backends, report
 from worm_fast.data import DATASETS, TEXT_TASKS, DatasetNotFoundError
-from worm_fast.experiments.config import CNN_DEFAULTS, OPTIMIZERS, TEXT_DEFAULTS
-from worm_fast.experiments.pipeline import PRUNE_METHODS, RunConfig
+from worm_fast.experiments.config import (
+    CNN_DEFAULTS,
+    OPTIMIZERS,
+    PRUNE_METHODS,
+    TEXT_DEFAULTS,
+    RunConfig,
+)
 from worm_fast.experiments.variants import (
     TABLE_I_TRUNCATIONS,
     compare_variants,

@@ -4,7 +4,7 @@ A run trains a CNN from scratch on an image dataset (``dataset``, the default), 
 fine-tunes a pretrained transformer on a text task (``task``). Fields left ``None`` take
 the defaults of that kind: the paper's settings for CNNs (Sections IV–V) or for
 transformers (Section VI), and training settings that make the embedded demos run on a
-laptop CPU.
+2-core CPU.
 """
 
 from dataclasses import dataclass

@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from worm_fast import prune
-from worm_fast.experiments.config import PRUNE_METHODS, RunConfig
+from worm_fast.experiments.config import RunConfig
 from worm_fast.experiments.workloads import Workload, build_workload, make_optimizer
 from worm_fast.profiling import PhaseProfiler, mask_check_cost, model_flops, optimizer_step_cost
 from worm_fast.search import EarlyBirdSearch
 from worm_fast.train import evaluate, train_epoch
 
-__all__ = ["PRUNE_METHODS", "RunConfig", "RunResult", "run"]
+__all__ = ["RunConfig", "RunResult", "run"]
 
 
 @dataclass

@@ -42,7 +42,8 @@ def checkpoint_dir(model_path: str | os.PathLike) -> Path:
     path = Path(model_path).expanduser()
     expected = (
         "a Hugging Face checkpoint directory holds config.json, the weights "
-        f"({' or '.join(_WEIGHT_FILES[::2])}) and the tokenizer files (tokenizer.json or "
+        "(model.safetensors or pytorch_model.bin, or their sharded index) and the tokenizer "
+        "files (tokenizer.json or "
         "vocab.txt, tokenizer_config.json), e.g. as saved by save_pretrained() or by "
         "`hf download bert-base-uncased --local-dir DIR` on a machine with internet"
     )
