@@ -18,18 +18,26 @@ except ImportError as error:  # the package still works on the reference backend
 _OPS = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_")
 
 
-def has_kernels(dispatch_key: str) -> bool:
-    """Whether ``_C`` registered a kernel of every op for ``dispatch_key`` (CPU, CUDA)."""
-    return LOAD_ERROR is None and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", dispatch_key)
+def missing_kernels(dispatch_key: str) -> list[str]:
+    """The ops ``_C`` has no ``dispatch_key`` (CPU, CUDA) kernel for; calls to them fall
+    through to the reference kernel, registered for every device."""
+    return [
+        op
         for op in _OPS
-    )
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", dispatch_key)
+    ]
+
+
+def describe(dispatch_key: str, what: str) -> str:
+    missing = missing_kernels(dispatch_key)
+    return what + (f" (reference kernels for: {', '.join(missing)})" if missing else "")
 
 
 def status() -> BackendStatus:
     if LOAD_ERROR is not None:
         return BackendStatus("cpp", False, LOAD_ERROR, ("cpu",))
-    return BackendStatus("cpp", True, "C++ kernels, multi-threaded over CPU tensors", ("cpu",))
+    reason = describe("CPU", "C++ kernels, multi-threaded over CPU tensors")
+    return BackendStatus("cpp", True, reason, ("cpu",))
 
 
 pack_mask = torch.ops.worm_fast.pack_mask

@@ -1,5 +1,7 @@
 """CUDA kernels of ``worm_fast._C``, present when the extension was built with a toolkit."""
 
+import torch
+
 from worm_fast.backends import BackendStatus, cpp
 from worm_fast.backends.cpp import (
     hamming_window,
@@ -22,7 +24,12 @@ __all__ = [
 def status() -> BackendStatus:
     if cpp.LOAD_ERROR is not None:
         return BackendStatus("cuda", False, cpp.LOAD_ERROR, ("cuda",))
-    if not cpp.has_kernels("CUDA"):
+    if "masked_sgd_step_" in cpp.missing_kernels("CUDA"):
         reason = "worm_fast._C was built without CUDA (no toolkit at build time)"
         return BackendStatus("cuda", False, reason, ("cuda",))
-    return BackendStatus("cuda", True, "CUDA kernels from worm_fast._C", ("cuda",))
+    if not torch.cuda.is_available():
+        reason = "worm_fast._C has CUDA kernels, but there is no CUDA device here"
+        return BackendStatus("cuda", False, reason, ("cuda",))
+    return BackendStatus(
+        "cuda", True, cpp.describe("CUDA", "CUDA kernels from worm_fast._C"), ("cuda",)
+    )
