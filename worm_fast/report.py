@@ -20,6 +20,7 @@ from worm_fast import __version__, backends
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 ROW_COLUMNS = (
     "variant", "seed", "phase", "epoch", "loss", "train_accuracy", "test_accuracy",
@@ -217,6 +218,7 @@ def plot_mask_distances(document: dict, path: str | os.PathLike) -> Path:
         stop + margin, color="gray", lw=1, ls=":", label=f"trigger s + δ = {stop + margin:g}"
     )
     axis.set_xlabel("search epoch")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("normalized mask distance")
     data = config.get("task") or config["dataset"]
     axis.set_title(f"Mask distance ({config['model']}, {data}, window {config['window']})")
