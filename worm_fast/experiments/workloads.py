@@ -87,7 +87,7 @@ def _images(config: RunConfig) -> Workload:
 
 
 def _text(config: RunConfig) -> Workload:
-    from transformers import DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding  # only text runs need transformers
 
     train, dev, task = load_text_task(config.task, data_dir=config.data_dir)
     train = random_subset(train, _train_size(config), seed=config.seed, what="train_subset")
