@@ -7,6 +7,80 @@ namespace worm_fast {
 namespace {
 
 constexpr const char* kSgd = "worm_fast.masked_sgd_step_: ";
+constexpr const char* kAdamW = "worm_fast.masked_adamw_step_: ";
+
+// params[i] and grads[i]: defined, strided, on `device`, a supported float dtype; the
+// param contiguous (it is written in place), the grad of the param's dtype and size.
+void check_param_and_grad(const char* op, const at::Tensor& p, const at::Tensor& g, size_t i,
+                          const c10::Device& device, c10::DeviceType device_type) {
+  TORCH_CHECK(p.defined(), op, "params[", i, "] is undefined");
+  TORCH_CHECK(p.layout() == at::kStrided, op, "params[", i, "] must be a strided tensor");
+  TORCH_CHECK(p.device().type() == device_type && p.device() == device, op, "params[", i,
+              "] is on ", p.device(), ", expected ", device);
+  TORCH_CHECK(is_supported_float(p.scalar_type()), op, "params[", i, "] has dtype ",
+              p.scalar_type(), ", expected float32, float64, float16 or bfloat16");
+  TORCH_CHECK(p.is_contiguous(), op, "params[", i,
+              "] must be contiguous (it is updated in place)");
+
+  TORCH_CHECK(g.defined(), op, "grads[", i, "] is undefined");
+  TORCH_CHECK(g.layout() == at::kStrided, op, "grads[", i,
+              "] is sparse; sparse gradients are not supported");
+  TORCH_CHECK(g.device() == device, op, "grads[", i, "] is on ", g.device(), ", expected ",
+              device);
+  TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, "grads[", i, "] has dtype ",
+              g.scalar_type(), ", expected the dtype of params[", i, "] (", p.scalar_type(),
+              ")");
+  TORCH_CHECK(g.numel() == p.numel(), op, "grads[", i, "] has ", g.numel(),
+              " elements, params[", i, "] has ", p.numel());
+}
+
+// An optimizer state of params[i] (`name`[i]), updated in place: like the param.
+void check_state(const char* op, const char* name, const at::Tensor& b, size_t i,
+                 const at::Tensor& p, const c10::Device& device) {
+  TORCH_CHECK(b.defined(), op, name, "[", i, "] is undefined");
+  TORCH_CHECK(b.layout() == at::kStrided, op, name, "[", i, "] must be a strided tensor");
+  TORCH_CHECK(b.device() == device, op, name, "[", i, "] is on ", b.device(), ", expected ",
+              device);
+  TORCH_CHECK(b.scalar_type() == p.scalar_type(), op, name, "[", i, "] has dtype ",
+              b.scalar_type(), ", expected ", p.scalar_type());
+  TORCH_CHECK(b.numel() == p.numel(), op, name, "[", i, "] has ", b.numel(),
+              " elements, params[", i, "] has ", p.numel());
+  TORCH_CHECK(b.is_contiguous(), op, name, "[", i,
+              "] must be contiguous (it is updated in place)");
+}
+
+// masks[i], when given: the packed uint8 mask of params[i] (any strides).
+void check_mask(const char* op, const c10::List<std::optional<at::Tensor>>& masks, size_t i,
+                const at::Tensor& p, const c10::Device& device) {
+  if (masks.empty()) {
+    return;
+  }
+  const std::optional<at::Tensor> mask = masks.get(i);
+  if (!mask.has_value() || !mask->defined()) {
+    return;
+  }
+  TORCH_CHECK(mask->scalar_type() == at::kByte, op, "masks[", i,
+              "] must be a packed uint8 mask, got dtype ", mask->scalar_type());
+  TORCH_CHECK(mask->layout() == at::kStrided, op, "masks[", i, "] must be a strided tensor");
+  TORCH_CHECK(mask->device() == device, op, "masks[", i, "] is on ", mask->device(),
+              ", expected ", device);
+  TORCH_CHECK(mask->numel() == packed_nbytes(p.numel()), op, "masks[", i, "] has ",
+              mask->numel(), " bytes, expected ", packed_nbytes(p.numel()),
+              " (the packed mask of params[", i, "] with ", p.numel(), " elements)");
+}
+
+void check_list_sizes(const char* op, size_t n, at::TensorList grads,
+                      const c10::List<std::optional<at::Tensor>>& masks) {
+  TORCH_CHECK(grads.size() == n, op, "expected one grad per param (", n, "), got ",
+              grads.size());
+  TORCH_CHECK(masks.empty() || masks.size() == n, op,
+              "masks must be empty or have one entry (or None) per param (", n, "), got ",
+              masks.size());
+}
+
+c10::Device device_of(at::TensorList params, c10::DeviceType device_type) {
+  return params[0].defined() ? params[0].device() : c10::Device(device_type);
+}
 
 }  // namespace
 
@@ -20,8 +94,7 @@ void check_masked_sgd_args(at::TensorList params, at::TensorList grads,
                            const c10::List<std::optional<at::Tensor>>& masks, double momentum,
                            c10::DeviceType device_type) {
   const auto n = params.size();
-  TORCH_CHECK(grads.size() == n, kSgd, "expected one grad per param (", n, "), got ",
-              grads.size());
+  check_list_sizes(kSgd, n, grads, masks);
   if (momentum != 0.0) {
     TORCH_CHECK(momentum_buffers.size() == n, kSgd, "momentum=", momentum,
                 " needs one momentum buffer per param (", n, "), got ",
@@ -31,76 +104,73 @@ void check_masked_sgd_args(at::TensorList params, at::TensorList grads,
                 "momentum_buffers must be empty or have one entry per param (", n, "), got ",
                 momentum_buffers.size());
   }
-  TORCH_CHECK(masks.empty() || masks.size() == n, kSgd,
-              "masks must be empty or have one entry (or None) per param (", n, "), got ",
-              masks.size());
   if (n == 0) {
     return;
   }
-  const c10::Device device = params[0].defined() ? params[0].device() : c10::Device(device_type);
+  const c10::Device device = device_of(params, device_type);
+  for (size_t i = 0; i < n; ++i) {
+    check_param_and_grad(kSgd, params[i], grads[i], i, device, device_type);
+    if (momentum != 0.0) {
+      check_state(kSgd, "momentum_buffers", momentum_buffers[i], i, params[i], device);
+    }
+    check_mask(kSgd, masks, i, params[i], device);
+  }
+}
+
+void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
+                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                             at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                             const c10::List<std::optional<at::Tensor>>& masks, bool amsgrad,
+                             c10::DeviceType device_type) {
+  const auto n = params.size();
+  check_list_sizes(kAdamW, n, grads, masks);
+  TORCH_CHECK(exp_avgs.size() == n, kAdamW, "expected one exp_avg per param (", n, "), got ",
+              exp_avgs.size());
+  TORCH_CHECK(exp_avg_sqs.size() == n, kAdamW, "expected one exp_avg_sq per param (", n,
+              "), got ", exp_avg_sqs.size());
+  TORCH_CHECK(state_steps.size() == n, kAdamW, "expected one state_step per param (", n,
+              "), got ", state_steps.size());
+  if (amsgrad) {
+    TORCH_CHECK(max_exp_avg_sqs.size() == n, kAdamW,
+                "amsgrad=True needs one max_exp_avg_sq per param (", n, "), got ",
+                max_exp_avg_sqs.size());
+  } else {
+    TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, kAdamW,
+                "max_exp_avg_sqs must be empty or have one entry per param (", n, "), got ",
+                max_exp_avg_sqs.size());
+  }
+  if (n == 0) {
+    return;
+  }
+  const c10::Device device = device_of(params, device_type);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.defined(), kSgd, "params[", i, "] is undefined");
-    TORCH_CHECK(p.layout() == at::kStrided, kSgd, "params[", i, "] must be a strided tensor");
-    TORCH_CHECK(p.device().type() == device_type && p.device() == device, kSgd, "params[", i,
-                "] is on ", p.device(), ", expected ", device);
-    TORCH_CHECK(is_supported_float(p.scalar_type()), kSgd, "params[", i, "] has dtype ",
-                p.scalar_type(), ", expected float32, float64, float16 or bfloat16");
-    TORCH_CHECK(p.is_contiguous(), kSgd, "params[", i,
-                "] must be contiguous (it is updated in place)");
-
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.defined(), kSgd, "grads[", i, "] is undefined");
-    TORCH_CHECK(g.layout() == at::kStrided, kSgd, "grads[", i,
-                "] is sparse; sparse gradients are not supported");
-    TORCH_CHECK(g.device() == device, kSgd, "grads[", i, "] is on ", g.device(), ", expected ",
-                device);
-    TORCH_CHECK(g.scalar_type() == p.scalar_type(), kSgd, "grads[", i, "] has dtype ",
-                g.scalar_type(), ", expected the dtype of params[", i, "] (", p.scalar_type(),
-                ")");
-    TORCH_CHECK(g.numel() == p.numel(), kSgd, "grads[", i, "] has ", g.numel(),
-                " elements, params[", i, "] has ", p.numel());
-
-    if (momentum != 0.0) {
-      const at::Tensor& b = momentum_buffers[i];
-      TORCH_CHECK(b.defined(), kSgd, "momentum_buffers[", i, "] is undefined");
-      TORCH_CHECK(b.layout() == at::kStrided, kSgd, "momentum_buffers[", i,
-                  "] must be a strided tensor");
-      TORCH_CHECK(b.device() == device, kSgd, "momentum_buffers[", i, "] is on ", b.device(),
-                  ", expected ", device);
-      TORCH_CHECK(b.scalar_type() == p.scalar_type(), kSgd, "momentum_buffers[", i,
-                  "] has dtype ", b.scalar_type(), ", expected ", p.scalar_type());
-      TORCH_CHECK(b.numel() == p.numel(), kSgd, "momentum_buffers[", i, "] has ", b.numel(),
-                  " elements, params[", i, "] has ", p.numel());
-      TORCH_CHECK(b.is_contiguous(), kSgd, "momentum_buffers[", i,
-                  "] must be contiguous (it is updated in place)");
+    check_param_and_grad(kAdamW, p, grads[i], i, device, device_type);
+    check_state(kAdamW, "exp_avgs", exp_avgs[i], i, p, device);
+    check_state(kAdamW, "exp_avg_sqs", exp_avg_sqs[i], i, p, device);
+    if (amsgrad) {
+      check_state(kAdamW, "max_exp_avg_sqs", max_exp_avg_sqs[i], i, p, device);
     }
-
-    if (!masks.empty()) {
-      const std::optional<at::Tensor> mask = masks.get(i);
-      if (mask.has_value() && mask->defined()) {
-        TORCH_CHECK(mask->scalar_type() == at::kByte, kSgd, "masks[", i,
-                    "] must be a packed uint8 mask, got dtype ", mask->scalar_type());
-        TORCH_CHECK(mask->layout() == at::kStrided, kSgd, "masks[", i,
-                    "] must be a strided tensor");
-        TORCH_CHECK(mask->device() == device, kSgd, "masks[", i, "] is on ", mask->device(),
-                    ", expected ", device);
-        TORCH_CHECK(mask->numel() == packed_nbytes(p.numel()), kSgd, "masks[", i, "] has ",
-                    mask->numel(), " bytes, expected ", packed_nbytes(p.numel()),
-                    " (the packed mask of params[", i, "] with ", p.numel(), " elements)");
-      }
-    }
+    const at::Tensor& step = state_steps[i];
+    TORCH_CHECK(step.defined(), kAdamW, "state_steps[", i, "] is undefined");
+    TORCH_CHECK(step.layout() == at::kStrided && step.numel() == 1 &&
+                    step.scalar_type() == at::kFloat,
+                kAdamW, "state_steps[", i, "] must be a float32 tensor of one element, got ",
+                step.scalar_type(), " of shape ", step.sizes());
+    TORCH_CHECK(step.device() == device, kAdamW, "state_steps[", i, "] is on ", step.device(),
+                ", expected ", device, " (the params' device)");
+    check_mask(kAdamW, masks, i, p, device);
   }
 }
 
 void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
-                         const at::Tensor& like) {
+                         const at::Tensor& like, const char* op) {
   if (!t.has_value() || !t->defined()) {
     return;
   }
-  TORCH_CHECK(t->numel() == 1, kSgd, name, " must have exactly one element, got ",
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have exactly one element, got ",
               t->numel());
-  TORCH_CHECK(t->device() == like.device() || t->device().is_cpu(), kSgd, name, " is on ",
+  TORCH_CHECK(t->device() == like.device() || t->device().is_cpu(), op, ": ", name, " is on ",
               t->device(), ", expected ", like.device(), " (or the CPU)");
 }
 

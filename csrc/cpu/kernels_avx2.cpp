@@ -20,6 +20,8 @@
 #define WF_ISA_NAME "avx2"
 #define WF_HAVE_FMA 1
 #define WF_HAVE_F16C 1
+#define WF_HAVE_SSE2 1
+#define WF_HAVE_AVX2 1
 #define WF_HAVE_AVX512 0
 #include "kernels_impl.h"
 

@@ -1,8 +1,9 @@
 // The CPU inner loops, written once and compiled per instruction set by
 // kernels_{default,avx2,avx512}.cpp. Before including this file a translation unit
-// defines WF_ISA (a namespace name), WF_ISA_NAME (a string), WF_HAVE_FMA, WF_HAVE_F16C
-// and WF_HAVE_AVX512 (0 or 1), and has already included <cstdint>,
-// worm_fast/cpu_kernels.h (and <immintrin.h> when WF_HAVE_F16C); it gets
+// defines WF_ISA (a namespace name), WF_ISA_NAME (a string), WF_HAVE_FMA, WF_HAVE_F16C,
+// WF_HAVE_SSE2, WF_HAVE_AVX2 and WF_HAVE_AVX512 (0 or 1), and has already included
+// <cstdint>, worm_fast/cpu_kernels.h (and <immintrin.h> when WF_HAVE_F16C or
+// WF_HAVE_AVX2, <emmintrin.h> when WF_HAVE_SSE2); it gets
 // `worm_fast::cpu::WF_ISA::kTable` and defines its accessor after the pragma region.
 // This file includes nothing itself, so that the `#pragma GCC target` around it applies
 // to these loops and to nothing from the standard library or torch.
@@ -10,8 +11,8 @@
 // The loops are plain C++ that GCC and Clang vectorize at -O3: every loop over the
 // elements of a 64-bit mask word has a fixed trip count of 64, the truncation factor is
 // a branchless select `kept ? 1 : r` written into a small array first, and the SGD
-// variant (mask, weight decay, momentum mode, nesterov) is a template parameter, so
-// the element loop holds no branch.
+// variant (mask, weight decay, momentum mode, nesterov; for AdamW mask, weight decay,
+// amsgrad) is a template parameter, so the element loop holds no branch.
 
 #if !defined(WF_ISA) || !defined(WF_ISA_NAME)
 #error "define WF_ISA and WF_ISA_NAME before including kernels_impl.h"
@@ -208,17 +209,24 @@ struct SgdConsts {
   T neg_lr, weight_decay, momentum, one_minus_dampening, truncation, grad_scale, sign;
 };
 
-// fac[k] = bit k of `word` ? 1 : r, in 32-bit lanes so the select vectorizes for float.
+// out[k] = bit k of `word` ? kept : pruned, in 32-bit lanes so the select vectorizes
+// for float.
 template <class T>
-WF_INLINE void expand_word(uint64_t word, T r, T* __restrict fac) {
+WF_INLINE void select_word(uint64_t word, T kept, T pruned, T* __restrict out) {
   const uint32_t lo = static_cast<uint32_t>(word);
   const uint32_t hi = static_cast<uint32_t>(word >> 32);
   for (int k = 0; k < 32; ++k) {
-    fac[k] = ((lo >> k) & 1u) ? T(1) : r;
+    out[k] = ((lo >> k) & 1u) ? kept : pruned;
   }
   for (int k = 0; k < 32; ++k) {
-    fac[32 + k] = ((hi >> k) & 1u) ? T(1) : r;
+    out[32 + k] = ((hi >> k) & 1u) ? kept : pruned;
   }
+}
+
+// fac[k] = bit k of `word` ? 1 : r.
+template <class T>
+WF_INLINE void expand_word(uint64_t word, T r, T* __restrict fac) {
+  select_word(word, T(1), r, fac);
 }
 
 // The update of n (= 64 when kFull) consecutive elements; the formula of
@@ -346,6 +354,220 @@ void sgd_range(const SgdTensor& t, const SgdConfig& c, int64_t begin, int64_t en
 }
 
 // ---------------------------------------------------------------------------------
+// Masked AdamW.
+
+// x[k] = sqrt(x[k]) for k < n, IEEE-exact like torch's vectorized sqrt. Spelled out in
+// intrinsics because GCC keeps sqrtf scalar without -fno-math-errno (it calls sqrtf for
+// negative inputs, to set errno). The AVX-512 forms are the zero-masked ones with every
+// lane selected: the plain ones trip GCC 12's -Wmaybe-uninitialized (_mm512_undefined).
+WF_INLINE void sqrt_block(float* __restrict x, int64_t n) {
+  int64_t i = 0;
+#if WF_HAVE_AVX512
+  for (; n - i >= 16; i += 16) {
+    _mm512_storeu_ps(x + i, _mm512_maskz_sqrt_ps(0xFFFF, _mm512_loadu_ps(x + i)));
+  }
+#endif
+#if WF_HAVE_AVX2
+  for (; n - i >= 8; i += 8) {
+    _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
+  }
+#endif
+#if WF_HAVE_SSE2
+  for (; n - i >= 4; i += 4) {
+    _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    x[i] = __builtin_sqrtf(x[i]);
+  }
+}
+
+WF_INLINE void sqrt_block(double* __restrict x, int64_t n) {
+  int64_t i = 0;
+#if WF_HAVE_AVX512
+  for (; n - i >= 8; i += 8) {
+    _mm512_storeu_pd(x + i, _mm512_maskz_sqrt_pd(0xFF, _mm512_loadu_pd(x + i)));
+  }
+#endif
+#if WF_HAVE_AVX2
+  for (; n - i >= 4; i += 4) {
+    _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
+  }
+#endif
+#if WF_HAVE_SSE2
+  for (; n - i >= 2; i += 2) {
+    _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    x[i] = __builtin_sqrt(x[i]);
+  }
+}
+
+// torch rounds p * (1 - lr wd) before adding the update, and so do these loops: GCC
+// contracts a * b + c across statements by default (-ffp-contract=fast), so contraction
+// is off for them; the fused multiply-adds torch has (lerp, addcmul) are explicit.
+// (Clang contracts only within one expression by default.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+template <class T>
+struct AdamConsts {
+  T neg_step_size;         // -lr / (1 - beta1^t): the factor of kept elements
+  T neg_step_size_pruned;  // the same times truncation
+  T decay;                 // 1 - lr * weight_decay
+  T lerp_weight;           // torch's lerp: m + w (g - m) for w < 0.5, g + (w - 1) (g - m) else
+  bool lerp_from_grad;
+  T beta2, one_minus_beta2, bias_correction2_sqrt, eps, grad_scale, sign;
+};
+
+// The update of n (= 64 when kFull) consecutive elements; the formula of
+// reference.masked_adamw_step_ with torch.optim.AdamW's fp32 rounding on CPU (lerp and
+// addcmul as FMAs, sqrt / bias_correction2_sqrt + eps, p + (-step_size * m) / denom).
+// fac[k] is the step factor of element k (neg_step_size or neg_step_size_pruned) when
+// kMask. Three passes over the block: moments, square roots, parameters.
+template <class Io, bool kFull, bool kMask, bool kWd, bool kAms>
+WF_INLINE void adamw_elements(typename Io::S* __restrict p, const typename Io::S* __restrict g,
+                              typename Io::S* __restrict m, typename Io::S* __restrict v,
+                              typename Io::S* __restrict vmax,
+                              const typename Io::T* __restrict fac,
+                              const AdamConsts<typename Io::T>& c, int64_t n) {
+  using T = typename Io::T;
+  const int64_t len = kFull ? kWordBits : n;
+  T avg[kWordBits];
+  T root[kWordBits];
+  const bool from_grad = c.lerp_from_grad;
+  for (int64_t k = 0; k < len; ++k) {
+    const T grad = Io::load(g[k]) / c.grad_scale * c.sign;
+    const T old = Io::load(m[k]);
+    const T mk = fmadd(c.lerp_weight, grad - old, from_grad ? grad : old);
+    const T vk = fmadd(c.one_minus_beta2 * grad, grad, Io::load(v[k]) * c.beta2);
+    m[k] = Io::store(mk);
+    v[k] = Io::store(vk);
+    avg[k] = mk;
+    if constexpr (kAms) {
+      const T prev = Io::load(vmax[k]);
+      const T vm = (prev != prev || prev > vk) ? prev : vk;  // torch.maximum: NaN wins
+      vmax[k] = Io::store(vm);
+      root[k] = vm;
+    } else {
+      root[k] = vk;
+    }
+  }
+  sqrt_block(root, len);
+  for (int64_t k = 0; k < len; ++k) {
+    T param = Io::load(p[k]);
+    if constexpr (kWd) {
+      param = param * c.decay;
+    }
+    const T denom = root[k] / c.bias_correction2_sqrt + c.eps;
+    const T scale = kMask ? fac[k] : c.neg_step_size;
+    p[k] = Io::store(param + (scale * avg[k]) / denom);
+  }
+}
+
+template <class Io, bool kFull, bool kMask, bool kWd, bool kAms>
+WF_INLINE void adamw_block(typename Io::S* __restrict p, const typename Io::S* __restrict g,
+                           typename Io::S* __restrict m, typename Io::S* __restrict v,
+                           typename Io::S* __restrict vmax, const typename Io::T* __restrict fac,
+                           const AdamConsts<typename Io::T>& c, int64_t n) {
+  using T = typename Io::T;
+  if constexpr (Io::kStaged) {
+    static_assert(sizeof(T) == sizeof(float), "staged conversion computes in float");
+    const int64_t len = kFull ? kWordBits : n;
+    T ps[kWordBits], gs[kWordBits], ms[kWordBits], vs[kWordBits], vms[kWordBits];
+    Io::load_block(p, ps, len);
+    Io::load_block(g, gs, len);
+    Io::load_block(m, ms, len);
+    Io::load_block(v, vs, len);
+    if constexpr (kAms) {
+      Io::load_block(vmax, vms, len);
+    }
+    adamw_elements<FloatIo, kFull, kMask, kWd, kAms>(ps, gs, ms, vs, vms, fac, c, n);
+    Io::store_block(ps, p, len);
+    Io::store_block(ms, m, len);
+    Io::store_block(vs, v, len);
+    if constexpr (kAms) {
+      Io::store_block(vms, vmax, len);
+    }
+  } else {
+    adamw_elements<Io, kFull, kMask, kWd, kAms>(p, g, m, v, vmax, fac, c, n);
+  }
+}
+
+template <class Io, bool kMask, bool kWd, bool kAms>
+void adamw_loop(const AdamTensor& t, const AdamConsts<typename Io::T>& c, int64_t begin,
+                int64_t end) {
+  using S = typename Io::S;
+  using T = typename Io::T;
+  S* p = static_cast<S*>(t.param);
+  const S* g = static_cast<const S*>(t.grad);
+  S* m = static_cast<S*>(t.exp_avg);
+  S* v = static_cast<S*>(t.exp_avg_sq);
+  S* vmax = kAms ? static_cast<S*>(t.max_exp_avg_sq) : nullptr;
+  for (int64_t base = begin; base < end; base += kWordBits) {
+    T fac[kWordBits];
+    if constexpr (kMask) {
+      select_word(load_u64(t.mask + base / 8), c.neg_step_size, c.neg_step_size_pruned, fac);
+    }
+    S* vm = kAms ? vmax + base : nullptr;
+    if (end - base >= kWordBits) {
+      adamw_block<Io, true, kMask, kWd, kAms>(p + base, g + base, m + base, v + base, vm, fac,
+                                              c, 0);
+    } else {
+      adamw_block<Io, false, kMask, kWd, kAms>(p + base, g + base, m + base, v + base, vm,
+                                               fac, c, end - base);
+    }
+  }
+}
+
+template <class Io>
+void adamw_typed(const AdamTensor& t, const AdamConfig& cfg, int64_t begin, int64_t end) {
+  using T = typename Io::T;
+  const double w = 1.0 - cfg.beta1;
+  const T lerp_weight = static_cast<T>(w);
+  const bool from_grad = !(absval(lerp_weight) < T(0.5));
+  const AdamConsts<T> c{static_cast<T>(-t.step_size),
+                        static_cast<T>(-t.step_size * cfg.truncation),
+                        static_cast<T>(1.0 - cfg.lr * cfg.weight_decay),
+                        from_grad ? static_cast<T>(lerp_weight - T(1)) : lerp_weight,
+                        from_grad,
+                        static_cast<T>(cfg.beta2),
+                        static_cast<T>(1.0 - cfg.beta2),
+                        static_cast<T>(t.bias_correction2_sqrt),
+                        static_cast<T>(cfg.eps),
+                        static_cast<T>(cfg.grad_scale),
+                        cfg.maximize ? T(-1) : T(1)};
+  with_bool(t.mask != nullptr, [&](auto mask) {
+    with_bool(cfg.weight_decay != 0.0, [&](auto wd) {
+      with_bool(cfg.amsgrad, [&](auto ams) {
+        adamw_loop<Io, decltype(mask)::value, decltype(wd)::value, decltype(ams)::value>(
+            t, c, begin, end);
+      });
+    });
+  });
+}
+
+void adamw_range(const AdamTensor& t, const AdamConfig& c, int64_t begin, int64_t end) {
+  switch (t.kind) {
+    case ScalarKind::Float:
+      return adamw_typed<FloatIo>(t, c, begin, end);
+    case ScalarKind::Double:
+      return adamw_typed<DoubleIo>(t, c, begin, end);
+    case ScalarKind::Half:
+      return adamw_typed<HalfIo>(t, c, begin, end);
+    case ScalarKind::BFloat16:
+      return adamw_typed<BFloat16Io>(t, c, begin, end);
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// ---------------------------------------------------------------------------------
 // pack_mask: bit k of word w = |values[64 w + k]| > threshold.
 
 template <class Io>
@@ -455,7 +677,8 @@ void hamming_range(const uint8_t* current, const uint8_t* window, int64_t row_st
 }
 
 // Constant-initialized: no code compiled for this ISA runs when the table is chosen.
-constexpr KernelTable kTable{WF_ISA_NAME, sgd_range, pack_range, unpack_range, hamming_range};
+constexpr KernelTable kTable{WF_ISA_NAME, sgd_range, adamw_range, pack_range, unpack_range,
+                             hamming_range};
 
 }  // namespace
 }  // namespace WF_ISA

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -51,12 +52,19 @@ const KernelTable& selected_kernels() {
 
 namespace {
 
+constexpr const char* kSgdOp = "worm_fast.masked_sgd_step_";
+constexpr const char* kAdamWOp = "worm_fast.masked_adamw_step_";
+
 // Elements per work item of the SGD step (a multiple of 64, so items start on mask
 // words). Items of all tensors go into one list that the threads split evenly, so a
 // small tensor never costs a parallel region of its own.
 constexpr int64_t kSgdChunk = 16384;
 // Below this many elements in total the step runs on the calling thread.
 constexpr int64_t kSgdSerialBelow = 32768;
+// The same for the AdamW step (a multiple of 64); it does more work per element, so it
+// goes parallel sooner.
+constexpr int64_t kAdamChunk = 16384;
+constexpr int64_t kAdamSerialBelow = 16384;
 // Packed words per task of pack_mask (64 values each), bytes per task of unpack_mask.
 constexpr int64_t kPackGrainWords = 1024;
 constexpr int64_t kUnpackGrainBytes = 8192;
@@ -164,9 +172,9 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
   if (params.empty()) {
     return;
   }
-  check_scalar_tensor(lr_tensor, "lr_tensor", params[0]);
-  check_scalar_tensor(grad_scale, "grad_scale", params[0]);
-  check_scalar_tensor(found_inf, "found_inf", params[0]);
+  check_scalar_tensor(lr_tensor, "lr_tensor", params[0], kSgdOp);
+  check_scalar_tensor(grad_scale, "grad_scale", params[0], kSgdOp);
+  check_scalar_tensor(found_inf, "found_inf", params[0], kSgdOp);
   // A step with an inf/NaN gradient (GradScaler) changes nothing.
   if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) {
     return;
@@ -235,6 +243,112 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
   }
 }
 
+// The mask of params[i] as a contiguous byte pointer (null when it has none); a strided
+// mask is copied into `keep_alive`.
+const uint8_t* mask_pointer(const c10::List<std::optional<at::Tensor>>& masks, size_t i,
+                            std::vector<at::Tensor>& keep_alive) {
+  if (masks.empty()) {
+    return nullptr;
+  }
+  std::optional<at::Tensor> m = masks.get(i);
+  if (!m.has_value() || !m->defined()) {
+    return nullptr;
+  }
+  if (!m->is_contiguous()) {
+    keep_alive.push_back(m->contiguous());
+    return keep_alive.back().const_data_ptr<uint8_t>();
+  }
+  return m->const_data_ptr<uint8_t>();
+}
+
+void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                           at::TensorList state_steps,
+                           const c10::List<std::optional<at::Tensor>>& masks, double lr,
+                           double beta1, double beta2, double weight_decay, double eps,
+                           bool amsgrad, bool maximize, double truncation,
+                           const std::optional<at::Tensor>& lr_tensor,
+                           const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf) {
+  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          masks, amsgrad, c10::DeviceType::CPU);
+  if (params.empty()) {
+    return;
+  }
+  check_scalar_tensor(lr_tensor, "lr_tensor", params[0], kAdamWOp);
+  check_scalar_tensor(grad_scale, "grad_scale", params[0], kAdamWOp);
+  check_scalar_tensor(found_inf, "found_inf", params[0], kAdamWOp);
+  // A step with an inf/NaN gradient (GradScaler) changes nothing, step counts included.
+  if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) {
+    return;
+  }
+  const AdamConfig config{
+      lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr,
+      beta1,
+      beta2,
+      weight_decay,
+      eps,
+      truncation,
+      grad_scale.has_value() && grad_scale->defined() ? grad_scale->item<double>() : 1.0,
+      amsgrad,
+      maximize};
+
+  const size_t n = params.size();
+  std::vector<at::Tensor> keep_alive;  // contiguous copies of strided grads / masks
+  std::vector<AdamTensor> tensors;
+  std::vector<WorkItem> items;
+  std::vector<float*> steps(n);
+  std::vector<float> new_steps(n);
+  tensors.reserve(n);
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    // t = step + 1 in float32 (the counter's dtype), then the bias corrections in double,
+    // as torch.optim.AdamW computes them from step.item().
+    steps[i] = state_steps[i].data_ptr<float>();
+    new_steps[i] = *steps[i] + 1.0f;
+    const at::Tensor& p = params[i];
+    const int64_t numel = p.numel();
+    if (numel == 0) {
+      continue;
+    }
+    at::Tensor g = grads[i];
+    if (!g.is_contiguous()) {
+      g = g.contiguous();
+      keep_alive.push_back(g);
+    }
+    const double t = new_steps[i];
+    const double bias_correction1 = 1.0 - std::pow(beta1, t);
+    const double bias_correction2 = 1.0 - std::pow(beta2, t);
+    const auto index = static_cast<int64_t>(tensors.size());
+    tensors.push_back({p.data_ptr(), g.const_data_ptr(), exp_avgs[i].data_ptr(),
+                       exp_avg_sqs[i].data_ptr(),
+                       amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
+                       mask_pointer(masks, i, keep_alive), numel, kind_of(p.scalar_type()),
+                       config.lr / bias_correction1, std::sqrt(bias_correction2)});
+    for (int64_t begin = 0; begin < numel; begin += kAdamChunk) {
+      items.push_back({index, begin, std::min(numel, begin + kAdamChunk)});
+    }
+    total += numel;
+  }
+
+  const KernelTable& k = selected_kernels();
+  const auto run = [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      const WorkItem& item = items[j];
+      k.adamw_range(tensors[item.tensor], config, item.begin, item.end);
+    }
+  };
+  const auto count = static_cast<int64_t>(items.size());
+  if (total < kAdamSerialBelow) {
+    run(0, count);
+  } else {
+    at::parallel_for(0, count, 1, run);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    *steps[i] = new_steps[i];
+  }
+}
+
 // A sparse tensor among the arguments dispatches here rather than to the CPU kernel (or
 // to the reference, which would fail with an unrelated message).
 void masked_sgd_step_sparse_cpu(at::TensorList params, at::TensorList grads,
@@ -248,11 +362,25 @@ void masked_sgd_step_sparse_cpu(at::TensorList params, at::TensorList grads,
   TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
 }
 
+void masked_adamw_step_sparse_cpu(at::TensorList params, at::TensorList grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                  at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                                  const c10::List<std::optional<at::Tensor>>& masks, double,
+                                  double, double, double, double, bool amsgrad, bool, double,
+                                  const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&) {
+  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          masks, amsgrad, c10::DeviceType::CPU);
+  TORCH_CHECK(false, "worm_fast.masked_adamw_step_: sparse tensors are not supported");
+}
+
 }  // namespace
 }  // namespace worm_fast::cpu
 
 TORCH_LIBRARY_IMPL(worm_fast, SparseCPU, m) {
   m.impl("masked_sgd_step_", &worm_fast::cpu::masked_sgd_step_sparse_cpu);
+  m.impl("masked_adamw_step_", &worm_fast::cpu::masked_adamw_step_sparse_cpu);
 }
 
 TORCH_LIBRARY_IMPL(worm_fast, CPU, m) {
@@ -260,4 +388,5 @@ TORCH_LIBRARY_IMPL(worm_fast, CPU, m) {
   m.impl("unpack_mask", &worm_fast::cpu::unpack_mask_cpu);
   m.impl("hamming_window", &worm_fast::cpu::hamming_window_cpu);
   m.impl("masked_sgd_step_", &worm_fast::cpu::masked_sgd_step_cpu);
+  m.impl("masked_adamw_step_", &worm_fast::cpu::masked_adamw_step_cpu);
 }

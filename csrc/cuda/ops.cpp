@@ -2,7 +2,8 @@
 // calls into the launchers of cuda_kernels.h (compiled by nvcc in *.cu). Built only when
 // setup.py finds a CUDA toolkit. Nothing here synchronizes with the device: a scalar
 // given as a CUDA tensor (threshold, lr, grad_scale, found_inf) is read by the kernels;
-// one given as a CPU tensor is read on the host, which costs no sync.
+// one given as a CPU tensor is read on the host, which costs no sync. AdamW's step counts
+// live on the device and are read and incremented by its kernels.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,6 +20,9 @@
 
 namespace worm_fast::cuda {
 namespace {
+
+constexpr const char* kSgdOp = "worm_fast.masked_sgd_step_";
+constexpr const char* kAdamWOp = "worm_fast.masked_adamw_step_";
 
 ScalarKind kind_of(at::ScalarType dtype) {
   switch (dtype) {
@@ -112,9 +116,9 @@ void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
   if (params.empty()) {
     return;
   }
-  check_scalar_tensor(lr_tensor, "lr_tensor", params[0]);
-  check_scalar_tensor(grad_scale, "grad_scale", params[0]);
-  check_scalar_tensor(found_inf, "found_inf", params[0]);
+  check_scalar_tensor(lr_tensor, "lr_tensor", params[0], kSgdOp);
+  check_scalar_tensor(grad_scale, "grad_scale", params[0], kSgdOp);
+  check_scalar_tensor(found_inf, "found_inf", params[0], kSgdOp);
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -162,6 +166,73 @@ void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
   }
 }
 
+void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
+                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                            at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                            const c10::List<std::optional<at::Tensor>>& masks, double lr,
+                            double beta1, double beta2, double weight_decay, double eps,
+                            bool amsgrad, bool maximize, double truncation,
+                            const std::optional<at::Tensor>& lr_tensor,
+                            const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          masks, amsgrad, c10::DeviceType::CUDA);
+  if (params.empty()) {
+    return;
+  }
+  check_scalar_tensor(lr_tensor, "lr_tensor", params[0], kAdamWOp);
+  check_scalar_tensor(grad_scale, "grad_scale", params[0], kAdamWOp);
+  check_scalar_tensor(found_inf, "found_inf", params[0], kAdamWOp);
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  std::vector<at::Tensor> keep;  // converted scalars, contiguous grads and masks
+  double found_inf_host = 0.0;
+  const auto* found_inf_device =
+      static_cast<const float*>(device_scalar(found_inf, at::kFloat, keep, found_inf_host));
+  if (found_inf_host != 0.0) {
+    return;  // a CPU flag: nothing to launch, the step counts stay
+  }
+
+  // One launch sequence per parameter dtype (each computes in its own dtype). Empty
+  // tensors go in too: their step counts advance, as torch.optim.AdamW's do.
+  for (const at::ScalarType dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    std::vector<AdamTensor> tensors;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].scalar_type() != dtype) {
+        continue;
+      }
+      at::Tensor g = grads[i];
+      if (!g.is_contiguous()) {
+        keep.push_back(g.contiguous());
+        g = keep.back();
+      }
+      const uint8_t* mask = nullptr;
+      if (!masks.empty()) {
+        const std::optional<at::Tensor> m = masks.get(i);
+        if (m.has_value() && m->defined()) {
+          keep.push_back(m->contiguous());
+          mask = keep.back().const_data_ptr<uint8_t>();
+        }
+      }
+      tensors.push_back({params[i].data_ptr(), g.const_data_ptr(), exp_avgs[i].data_ptr(),
+                         exp_avg_sqs[i].data_ptr(),
+                         amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr, mask,
+                         state_steps[i].data_ptr<float>(), params[i].numel()});
+    }
+    if (tensors.empty()) {
+      continue;
+    }
+    AdamStep step{lr,         beta1, beta2,   weight_decay, eps,     truncation,
+                  1.0,        amsgrad, maximize, nullptr,    nullptr, found_inf_device};
+    step.lr_device = device_scalar(lr_tensor, compute_dtype(dtype), keep, step.lr);
+    step.grad_scale_device =
+        device_scalar(grad_scale, compute_dtype(dtype), keep, step.grad_scale);
+    launch_masked_adamw(kind_of(dtype), tensors.data(), static_cast<int64_t>(tensors.size()),
+                        step, stream);
+  }
+}
+
 // Sparse gradients dispatch here (SparseCUDA) and get the same clear error as on the CPU.
 void masked_sgd_step_sparse_cuda(at::TensorList params, at::TensorList grads,
                                  at::TensorList momentum_buffers,
@@ -175,6 +246,19 @@ void masked_sgd_step_sparse_cuda(at::TensorList params, at::TensorList grads,
   TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
 }
 
+void masked_adamw_step_sparse_cuda(at::TensorList params, at::TensorList grads,
+                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                   at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                                   const c10::List<std::optional<at::Tensor>>& masks, double,
+                                   double, double, double, double, bool amsgrad, bool, double,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&) {
+  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          masks, amsgrad, c10::DeviceType::CUDA);
+  TORCH_CHECK(false, "worm_fast.masked_adamw_step_: sparse tensors are not supported");
+}
+
 }  // namespace
 }  // namespace worm_fast::cuda
 
@@ -183,8 +267,10 @@ TORCH_LIBRARY_IMPL(worm_fast, CUDA, m) {
   m.impl("unpack_mask", &worm_fast::cuda::unpack_mask_cuda);
   m.impl("hamming_window", &worm_fast::cuda::hamming_window_cuda);
   m.impl("masked_sgd_step_", &worm_fast::cuda::masked_sgd_step_cuda);
+  m.impl("masked_adamw_step_", &worm_fast::cuda::masked_adamw_step_cuda);
 }
 
 TORCH_LIBRARY_IMPL(worm_fast, SparseCUDA, m) {
   m.impl("masked_sgd_step_", &worm_fast::cuda::masked_sgd_step_sparse_cuda);
+  m.impl("masked_adamw_step_", &worm_fast::cuda::masked_adamw_step_sparse_cuda);
 }

@@ -7,7 +7,10 @@ it), so a missing ``_C`` is a failure here, not a skip.
 The SGD step is compared on a list mixing the odd sizes (one call, as the optimizer
 makes it) for every dtype, every combination of momentum / dampening / nesterov /
 weight decay / maximize, both ``is_first_step`` values and masks of 0 %, 100 % and random
-density; and, without a mask, step for step against ``torch.optim.SGD`` itself.
+density; and, without a mask, step for step against ``torch.optim.SGD`` itself. The
+AdamW step likewise, over several steps, for every combination of amsgrad / weight
+decay / maximize, with grad_scale, found_inf, lr_tensor, and against
+``torch.optim.AdamW``.
 """
 
 import itertools
@@ -25,7 +28,7 @@ from worm_fast.backends import cpp, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-OPS = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_")
+OPS = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_")
 
 HYPERPARAMETERS = [
     dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
@@ -124,6 +127,7 @@ def test_extension_is_built_and_registers_cpu_kernels():
     assert cpp.status().available
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", "CPU"), op
+    assert cpp.missing_kernels("CPU") == []
 
 
 def test_cpu_loops_follow_torch_cpu_capability():
@@ -496,6 +500,261 @@ def test_masked_sgd_step_rejects_bad_input_without_touching_anything():
 
 
 # ---------------------------------------------------------------------------------------
+# masked_adamw_step_.
+
+ADAMW_HYPERPARAMETERS = [
+    dict(amsgrad=ams, weight_decay=wd, maximize=mx)
+    for ams, wd, mx in itertools.product((False, True), (0.0, 1e-2), (False, True))
+]
+
+
+def _adamw_hp_id(hp):
+    return "ams{amsgrad:d}-wd{weight_decay}-max{maximize:d}".format(**hp)
+
+
+def _adamw_case(sizes, dtype, density, amsgrad, seed=0):
+    """Params, grads, mid-training states (step counts 0, 1, 2, ... per tensor) and masks."""
+    rng = [_gen(seed + 7 * i) for i in range(len(sizes))]
+    params = [torch.randn(n, generator=g).to(dtype) for n, g in zip(sizes, rng)]
+    grads = [torch.randn(n, generator=g).to(dtype) for n, g in zip(sizes, rng)]
+    exp_avgs = [(0.1 * torch.randn(n, generator=g)).to(dtype) for n, g in zip(sizes, rng)]
+    exp_avg_sqs = [(0.05 + torch.rand(n, generator=g)).to(dtype) for n, g in zip(sizes, rng)]
+    # Larger or smaller than the new second moment, element by element.
+    max_exp_avg_sqs = (
+        [(0.05 + 1.5 * torch.rand(n, generator=g)).to(dtype) for n, g in zip(sizes, rng)]
+        if amsgrad
+        else []
+    )
+    steps = [torch.tensor(float(i % 4)) for i in range(len(sizes))]
+    return [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps], _masks(
+        sizes, density, seed
+    )
+
+
+def _adamw_kwargs(hp, **extra):
+    kwargs = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, truncation=3e-3, **hp)
+    kwargs.update(extra)
+    return kwargs
+
+
+ADAMW_STATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+
+
+def _adamw_run(fn, case, masks, steps=1, **kwargs):
+    """``steps`` steps of ``fn`` on copies of ``case`` (fresh grads from the 2nd step on);
+    returns the tensor lists [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+    state_steps] after them."""
+    lists = [[t.clone() for t in ts] for ts in case]
+    for step in range(steps):
+        if step:
+            lists[1] = [
+                torch.randn(g.shape, generator=_gen(100 * step + i)).to(g.dtype)
+                for i, g in enumerate(lists[1])
+            ]
+        fn(*lists, masks, **kwargs)
+    return lists
+
+
+def _assert_adamw_matches_reference(case, masks, what, steps=3, **kwargs):
+    dtype = case[0][0].dtype
+    tol = _reference_tolerance(dtype)
+    got = _adamw_run(torch.ops.worm_fast.masked_adamw_step_, case, masks, steps, **kwargs)
+    expected = _adamw_run(reference.masked_adamw_step_, case, masks, steps, **kwargs)
+    for k, name in zip((0, 2, 3, 4), ADAMW_STATES):
+        for i, (a, e) in enumerate(zip(got[k], expected[k])):
+            assert_close(a, e, what=f"{what}: {name}[{i}] after {steps} steps", **tol)
+    for i, (a, e) in enumerate(zip(got[5], expected[5])):
+        assert a.dtype == torch.float32 and a.item() == e.item() == case[5][i].item() + steps
+    if steps == 1:
+        for i, g in enumerate(got[1]):
+            assert torch.equal(g, case[1][i]), f"{what}: grads[{i}] must not change"
+
+
+@pytest.mark.parametrize("hp", ADAMW_HYPERPARAMETERS, ids=_adamw_hp_id)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_step_matches_reference(dtype, density, hp):
+    case, masks = _adamw_case(ODD_SIZES, dtype, density, hp["amsgrad"], seed=len(density))
+    _assert_adamw_matches_reference(case, masks, f"{dtype} {density}", **_adamw_kwargs(hp))
+    _assert_adamw_matches_reference(
+        case, masks, f"{dtype} {density} one step", steps=1, **_adamw_kwargs(hp)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_step_large_multi_tensor_list(dtype):
+    # Past the serial threshold, with tensors that straddle the 16384-element work items.
+    sizes = (100_003, 16_384, 16_385, 1, 40_000, 64, 65, 0)
+    for amsgrad in (False, True):
+        case, masks = _adamw_case(sizes, dtype, "mixed", amsgrad, seed=7)
+        hp = dict(amsgrad=amsgrad, weight_decay=5e-4, maximize=False)
+        _assert_adamw_matches_reference(case, masks, f"{dtype} large", **_adamw_kwargs(hp))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_step_grad_scale(dtype):
+    case, masks = _adamw_case(ODD_SIZES, dtype, "random", amsgrad=True, seed=11)
+    case[1] = [(g.float() * 1024).to(dtype) for g in case[1]]
+    hp = dict(amsgrad=True, weight_decay=1e-2, maximize=True)
+    _assert_adamw_matches_reference(
+        case, masks, f"{dtype} grad_scale", steps=1,
+        **_adamw_kwargs(hp, grad_scale=torch.tensor(1024.0)),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_step_found_inf_changes_nothing(dtype):
+    case, masks = _adamw_case(ODD_SIZES, dtype, "random", amsgrad=True, seed=13)
+    hp = dict(amsgrad=True, weight_decay=1e-2, maximize=False)
+    skipped = _adamw_run(
+        torch.ops.worm_fast.masked_adamw_step_, case, masks,
+        **_adamw_kwargs(hp, found_inf=torch.tensor([1.0]), grad_scale=torch.tensor(2.0)),
+    )  # fmt: skip
+    for before, after in zip(case, skipped):  # bit for bit, the step counts too
+        for i, (b, a) in enumerate(zip(before, after)):
+            assert torch.equal(a, b), i
+    ran = _adamw_run(
+        torch.ops.worm_fast.masked_adamw_step_, case, masks,
+        **_adamw_kwargs(hp, found_inf=torch.tensor(0.0)),
+    )  # fmt: skip
+    plain = _adamw_run(torch.ops.worm_fast.masked_adamw_step_, case, masks, **_adamw_kwargs(hp))
+    for a_list, b_list in zip(ran, plain):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+    _assert_adamw_matches_reference(
+        case, masks, f"{dtype} found_inf=0", **_adamw_kwargs(hp, found_inf=torch.tensor(0.0))
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_adamw_step_lr_tensor_overrides_lr(dtype):
+    case, masks = _adamw_case(ODD_SIZES, dtype, "random", amsgrad=False, seed=17)
+    hp = dict(amsgrad=False, weight_decay=1e-2, maximize=False)
+    kwargs = _adamw_kwargs(hp, lr=123.0, lr_tensor=torch.tensor(0.05, dtype=torch.float64))
+    _assert_adamw_matches_reference(case, masks, f"{dtype} lr_tensor", **kwargs)
+    fn = torch.ops.worm_fast.masked_adamw_step_
+    with_tensor = _adamw_run(fn, case, masks, **kwargs)
+    with_float = _adamw_run(fn, case, masks, **_adamw_kwargs(hp, lr=0.05))
+    for a_list, b_list in zip(with_tensor, with_float):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+
+
+def test_masked_adamw_step_other_betas_truncations_and_strided_grads():
+    # beta1 < 0.5 takes torch's other lerp formula; r = 0 freezes the Adam update of
+    # pruned elements; grads and masks may be strided views.
+    params = [_randn(6, 11, seed=1), _randn(130, seed=2)]
+    grads = [_randn(11, 6, seed=3).t(), _randn(260, seed=4)[::2]]
+    assert not any(g.is_contiguous() for g in grads)
+    masks = [_random_bytes(2 * packed_nbytes(66), seed=5)[::2], _random_bytes(24, seed=6)]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    steps = [torch.tensor(0.0), torch.tensor(41.0)]
+    case = [params, grads, *states, steps]
+    for beta1, beta2 in ((0.9, 0.999), (0.3, 0.5), (0.0, 0.0)):
+        for r in (0.0, 3e-3, 0.5, 1.0):
+            hp = dict(amsgrad=True, weight_decay=0.1, maximize=False)
+            kwargs = _adamw_kwargs(hp, beta1=beta1, beta2=beta2, truncation=r, eps=1e-6)
+            _assert_adamw_matches_reference(case, masks, f"betas {beta1} {beta2} r={r}", **kwargs)
+
+
+def test_masked_adamw_step_with_r_one_equals_no_mask():
+    case, masks = _adamw_case(ODD_SIZES, torch.float32, "random", amsgrad=True, seed=19)
+    hp = dict(amsgrad=True, weight_decay=1e-2, maximize=False)
+    fn = torch.ops.worm_fast.masked_adamw_step_
+    masked = _adamw_run(fn, case, masks, **_adamw_kwargs(hp, truncation=1.0))
+    plain = _adamw_run(fn, case, [], **_adamw_kwargs(hp))
+    for a_list, b_list in zip(masked, plain):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+
+
+def test_masked_adamw_step_empty_lists_and_empty_tensors():
+    hp = dict(amsgrad=False, weight_decay=0.0, maximize=False)
+    torch.ops.worm_fast.masked_adamw_step_([], [], [], [], [], [], [], **_adamw_kwargs(hp))
+    empty = torch.empty(0)
+    case = [
+        [empty, _randn(5)], [empty, _randn(5, seed=1)], [empty, torch.zeros(5)],
+        [empty, torch.zeros(5)], [], [torch.tensor(0.0), torch.tensor(0.0)],
+    ]  # fmt: skip
+    _assert_adamw_matches_reference(case, [], "empty tensor", **_adamw_kwargs(hp))
+    # The empty tensor's step count advances too, as in torch.optim.AdamW.
+    after = _adamw_run(torch.ops.worm_fast.masked_adamw_step_, case, [], **_adamw_kwargs(hp))
+    assert [s.item() for s in after[5]] == [1.0, 1.0]
+
+
+# Step for step against torch.optim.AdamW (no mask, state from zero). On x86-64 (torch's
+# AVX2 / AVX-512 loops, whose lerp and addcmul are FMAs as ours are) the moments are bit
+# for bit torch's, and so are the parameters, but for the few elements in a thousand
+# where torch's CPU sqrt (MKL's vector sqrt) is an ulp off and ours is correctly rounded.
+@pytest.mark.parametrize("hp", ADAMW_HYPERPARAMETERS, ids=_adamw_hp_id)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_masked_adamw_step_matches_torch_adamw(dtype, hp):
+    sizes = (*ODD_SIZES, 50_000)
+    ours = [_randn(n, dtype=dtype, seed=i) for i, n in enumerate(sizes)]
+    theirs = [torch.nn.Parameter(p.clone()) for p in ours]
+    states = [[torch.zeros_like(p) for p in ours] for _ in range(3)]
+    steps = [torch.tensor(0.0) for _ in ours]
+    optimizer = torch.optim.AdamW(theirs, lr=0.01, foreach=False, **hp)
+    for step in range(5):
+        grads = [_randn(n, dtype=dtype, seed=100 * step + i) for i, n in enumerate(sizes)]
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        torch.ops.worm_fast.masked_adamw_step_(
+            ours, grads, states[0], states[1], states[2] if hp["amsgrad"] else [], steps, [],
+            lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, truncation=1.0, **hp,
+        )  # fmt: skip
+    bitwise = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
+    differing = 0
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        state = optimizer.state[b]
+        assert_close(a, b.detach(), what=f"params[{i}] after 5 steps")
+        for k, key in enumerate(keys):
+            assert_close(states[k][i], state[key], what=f"{key}[{i}] after 5 steps")
+            assert not bitwise or torch.equal(states[k][i], state[key]), f"{key}[{i}]"
+        assert steps[i].item() == state["step"].item() == 5.0
+        differing += (a != b.detach()).sum().item()
+    assert not bitwise or differing <= 0.005 * sum(sizes), differing
+
+
+def test_masked_adamw_step_rejects_bad_input_without_touching_anything():
+    case, masks = _adamw_case((10, 70), torch.float32, "mixed", amsgrad=True, seed=1)
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = case
+    snapshot = [t.clone() for ts in case for t in ts]
+    hp = _adamw_kwargs(dict(amsgrad=True, weight_decay=0.0, maximize=False))
+
+    def call(p=params, g=grads, m=exp_avgs, v=exp_avg_sqs, vm=max_exp_avg_sqs, s=steps,
+             mk=masks, **extra):  # fmt: skip
+        torch.ops.worm_fast.masked_adamw_step_(p, g, m, v, vm, s, mk, **{**hp, **extra})
+
+    bad = [
+        (dict(mk=[None, torch.zeros(8, dtype=torch.uint8)]), r"masks\[1\] has 8 bytes"),
+        (dict(mk=[None]), "masks must be empty or have one entry"),
+        (dict(g=grads[:1]), "expected one grad per param"),
+        (dict(m=exp_avgs[:1]), "expected one exp_avg per param"),
+        (dict(s=steps[:1]), "expected one state_step per param"),
+        (dict(vm=[]), "amsgrad=True needs one max_exp_avg_sq per param"),
+        (dict(g=[grads[0], grads[1].double()]), r"grads\[1\] has dtype Double"),
+        (dict(g=[grads[0], grads[1].to_sparse()]), "sparse gradients are not supported"),
+        (dict(v=[exp_avg_sqs[0], exp_avg_sqs[1][:69]]), r"exp_avg_sqs\[1\] has 69 elements"),
+        (dict(m=[exp_avgs[0], exp_avgs[1].half()]), r"exp_avgs\[1\] has dtype Half"),
+        (dict(vm=[max_exp_avg_sqs[0], torch.zeros(70, 2)[:, 0]]),
+         r"max_exp_avg_sqs\[1\] must be contiguous"),
+        (dict(s=[steps[0], torch.tensor(1, dtype=torch.int64)]),
+         r"state_steps\[1\] must be a float32 tensor of one element"),
+        (dict(s=[steps[0], torch.zeros(2)]), r"state_steps\[1\] must be a float32 tensor"),
+        (dict(p=[params[0], torch.zeros(70, dtype=torch.int32)]), r"params\[1\] has dtype Int"),
+        (dict(found_inf=torch.zeros(2)), "masked_adamw_step_: found_inf must have exactly one"),
+    ]  # fmt: skip
+    for kwargs, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            call(**kwargs)
+    for before, after in zip(snapshot, [t for ts in case for t in ts]):
+        assert torch.equal(before, after)
+
+
+# ---------------------------------------------------------------------------------------
 # opcheck, and the other instruction sets.
 
 
@@ -520,11 +779,21 @@ def _opcheck_cases():
         grad_scale=torch.tensor(2.0),
         found_inf=torch.tensor(0.0),
     )
+    adamw_args = (
+        params, grads, [torch.zeros(3, 70), torch.zeros(5)], [torch.ones(3, 70), torch.ones(5)],
+        [torch.ones(3, 70), torch.ones(5)], [torch.tensor(0.0), torch.tensor(3.0)], masks,
+    )  # fmt: skip
+    adamw_kwargs = dict(
+        lr=0.1, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8, amsgrad=True,
+        maximize=False, truncation=3e-3, lr_tensor=torch.tensor(0.1),
+        grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0),
+    )  # fmt: skip
     return {
         "pack_mask": ((values, torch.tensor(0.5)), {}),
         "unpack_mask": ((packed, 210), {}),
         "hamming_window": ((packed, window), {}),
         "masked_sgd_step_": ((params, grads, bufs, masks), sgd_kwargs),
+        "masked_adamw_step_": (adamw_args, adamw_kwargs),
     }
 
 
@@ -560,6 +829,12 @@ def _check_against_reference_quickly():
                 case = _case((1, 63, 65, 4097, 20_000), dtype, density)
                 kwargs = _step_kwargs(hp, is_first_step=first)
                 _assert_step_matches_reference(case, f"{dtype} {density} {hp}", **kwargs)
+        for hp in ADAMW_HYPERPARAMETERS[::3]:  # each of amsgrad, wd, maximize on and off
+            for density in ("no_masks", "random"):
+                case, masks = _adamw_case((1, 63, 65, 4097, 20_000), dtype, density, hp["amsgrad"])
+                _assert_adamw_matches_reference(
+                    case, masks, f"{dtype} {density} {hp}", **_adamw_kwargs(hp)
+                )
     packed = _random_bytes(packed_nbytes(4097), seed=3)
     assert torch.equal(
         torch.ops.worm_fast.unpack_mask(packed, 4097), reference.unpack_mask(packed, 4097)

@@ -3,8 +3,9 @@
 * every ``csrc/cuda/*.cu`` compiles with nvcc, with torch's flags, for one architecture
   (sm_90), into a cubin that ``cuobjdump`` can list;
 * the host side of the multi-tensor launcher (``multi_tensor_apply.cuh``) covers every
-  chunk of every tensor exactly once, whatever the tensor count and sizes (compiled with
-  the host compiler and run here);
+  chunk of every tensor exactly once, whatever the tensor count and sizes, for the SGD
+  step's 4 and the AdamW step's 7 addresses per tensor (compiled with the host compiler
+  and run here);
 * when ``worm_fast._C`` was built with CUDA, it registered every op for the CUDA key.
 
 The kernels themselves only run on a GPU: see the ``gpu`` tests of the optimizer.
@@ -66,7 +67,7 @@ def _nvcc_command(source: Path, output: Path) -> list[str]:
 
 
 def test_there_are_cuda_sources():
-    assert {p.name for p in CU_SOURCES} >= {"masked_sgd.cu", "masks.cu"}
+    assert {p.name for p in CU_SOURCES} >= {"masked_sgd.cu", "masked_adamw.cu", "masks.cu"}
 
 
 @needs_nvcc
@@ -100,20 +101,24 @@ using namespace worm_fast::cuda;
 #define EXPECT(cond)                                                          \
   do {                                                                        \
     if (!(cond)) {                                                            \
-      std::fprintf(stderr, "case %d: failed %s (line %d)\n", which, #cond, __LINE__); \
+      std::fprintf(stderr, "depth %d case %d: failed %s (line %d)\n", kDepth, which, #cond, \
+                   __LINE__);                                                 \
       std::exit(1);                                                           \
     }                                                                         \
   } while (0)
 
-int main() {
+template <int kDepth>
+void check_depth() {
+  constexpr int kTensors = TensorListMeta<kDepth>::kTensors;
+  static_assert(kTensors >= 1 && kTensors <= kMaxTensors);
   const int64_t chunk = 64;
   std::vector<std::vector<int64_t>> cases = {
       {}, {0}, {1}, {0, 5, 0}, {chunk}, {chunk + 1},
       {chunk * kMaxBlocks}, {chunk * kMaxBlocks + 1}, {chunk * kMaxBlocks * 3 + 7},
-      std::vector<int64_t>(kMaxTensors, 1), std::vector<int64_t>(kMaxTensors + 1, 1),
-      std::vector<int64_t>(5 * kMaxTensors + 3, chunk * 9 + 1),
+      std::vector<int64_t>(kTensors, 1), std::vector<int64_t>(kTensors + 1, 1),
+      std::vector<int64_t>(5 * kTensors + 3, chunk * 9 + 1),
   };
-  std::mt19937_64 rng(0);
+  std::mt19937_64 rng(kDepth);
   for (int c = 0; c < 20; ++c) {
     std::vector<int64_t> sizes(rng() % 200);
     for (auto& s : sizes) {
@@ -124,32 +129,33 @@ int main() {
   }
   for (int which = 0; which < static_cast<int>(cases.size()); ++which) {
     const auto& numels = cases[which];
-    std::vector<std::array<void*, 4>> addresses;
+    std::vector<std::array<void*, kDepth>> addresses;
     for (size_t t = 0; t < numels.size(); ++t) {
-      std::array<void*, 4> a;
-      for (int d = 0; d < 4; ++d) {
+      std::array<void*, kDepth> a;
+      for (int d = 0; d < kDepth; ++d) {
         a[d] = reinterpret_cast<void*>(((t + 1) << 8) | d);
       }
       addresses.push_back(a);
     }
     std::map<std::pair<size_t, int64_t>, int> seen;
-    multi_tensor_apply<4>(chunk, addresses, numels, [&](const TensorListMeta<4>& m, int blocks) {
-      EXPECT(blocks >= 1 && blocks <= kMaxBlocks);
-      for (int b = 0; b < blocks; ++b) {
-        const int slot = m.block_to_tensor[b];
-        EXPECT(slot < kMaxTensors);
-        const auto tag = reinterpret_cast<uintptr_t>(m.ptr[0][slot]);
-        const size_t t = (tag >> 8) - 1;
-        EXPECT(t < numels.size());
-        for (int d = 0; d < 4; ++d) {
-          EXPECT(reinterpret_cast<uintptr_t>(m.ptr[d][slot]) == (((t + 1) << 8) | d));
-        }
-        EXPECT(m.numel[slot] == numels[t]);
-        const int64_t ch = m.block_to_chunk[b];
-        EXPECT(ch >= 0 && ch * chunk < numels[t]);
-        ++seen[std::make_pair(t, ch)];
-      }
-    });
+    multi_tensor_apply<kDepth>(
+        chunk, addresses, numels, [&](const TensorListMeta<kDepth>& m, int blocks) {
+          EXPECT(blocks >= 1 && blocks <= kMaxBlocks);
+          for (int b = 0; b < blocks; ++b) {
+            const int slot = m.block_to_tensor[b];
+            EXPECT(slot < kTensors);
+            const auto tag = reinterpret_cast<uintptr_t>(m.ptr[0][slot]);
+            const size_t t = (tag >> 8) - 1;
+            EXPECT(t < numels.size());
+            for (int d = 0; d < kDepth; ++d) {
+              EXPECT(reinterpret_cast<uintptr_t>(m.ptr[d][slot]) == (((t + 1) << 8) | d));
+            }
+            EXPECT(m.numel[slot] == numels[t]);
+            const int64_t ch = m.block_to_chunk[b];
+            EXPECT(ch >= 0 && ch * chunk < numels[t]);
+            ++seen[std::make_pair(t, ch)];
+          }
+        });
     size_t expected = 0;
     for (size_t t = 0; t < numels.size(); ++t) {
       const int64_t chunks = (numels[t] + chunk - 1) / chunk;
@@ -161,7 +167,12 @@ int main() {
     }
     EXPECT(seen.size() == expected);
   }
-  std::printf("ok %zu cases\n", cases.size());
+  std::printf("ok depth %d: %zu cases, %d tensors per launch\n", kDepth, cases.size(), kTensors);
+}
+
+int main() {
+  check_depth<4>();  // masked_sgd.cu
+  check_depth<7>();  // masked_adamw.cu
   return 0;
 }
 """
@@ -189,7 +200,7 @@ def test_multi_tensor_apply_covers_every_chunk_once(tmp_path):
     assert built.returncode == 0, built.stderr[-6000:]
     ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert ran.stdout.startswith("ok")
+    assert ran.stdout.startswith("ok depth 4") and "ok depth 7" in ran.stdout, ran.stdout
 
 
 def test_cuda_build_registers_every_op_for_cuda():
@@ -197,7 +208,8 @@ def test_cuda_build_registers_every_op_for_cuda():
 
     if not _C.WITH_CUDA:
         pytest.skip("worm_fast._C was built without CUDA (no toolkit, or WORM_FAST_NO_CUDA)")
-    for op in ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_"):
+    ops = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_")
+    for op in ops:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", "CPU"), op
 

@@ -42,10 +42,42 @@ struct SgdTensor {
   ScalarKind kind;
 };
 
+// Hyperparameters of one masked AdamW step, resolved on the host (lr from the lr tensor,
+// grad_scale = 1 when absent). See worm_fast/backends/reference.py.
+struct AdamConfig {
+  double lr;
+  double beta1;
+  double beta2;
+  double weight_decay;
+  double eps;
+  double truncation;
+  double grad_scale;
+  bool amsgrad;
+  bool maximize;
+};
+
+// One tensor of the AdamW step. max_exp_avg_sq is null unless amsgrad; mask is null when
+// the tensor is not truncated. step_size (lr / (1 - beta1^t)) and bias_correction2_sqrt
+// (sqrt(1 - beta2^t)) are this tensor's, computed once in double from its step count t.
+struct AdamTensor {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  const uint8_t* mask;
+  int64_t numel;
+  ScalarKind kind;
+  double step_size;
+  double bias_correction2_sqrt;
+};
+
 struct KernelTable {
   const char* isa;
   // Elements [begin, end) of one tensor; begin is a multiple of 64.
   void (*sgd_range)(const SgdTensor& t, const SgdConfig& c, int64_t begin, int64_t end);
+  // Elements [begin, end) of one tensor; begin is a multiple of 64.
+  void (*adamw_range)(const AdamTensor& t, const AdamConfig& c, int64_t begin, int64_t end);
   // Packed words [word_begin, word_end) of kept = |values| > threshold, over `numel`
   // values (words past the end are written as zero).
   void (*pack_range)(const void* values, ScalarKind kind, double threshold, int64_t numel,

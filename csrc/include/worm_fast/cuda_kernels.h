@@ -48,6 +48,44 @@ struct SgdStep {
 void launch_masked_sgd(ScalarKind kind, const SgdTensor* tensors, int64_t count,
                        const SgdStep& step, cudaStream_t stream);
 
+// One tensor of the AdamW step: max_exp_avg_sq is null unless amsgrad, mask null when
+// the tensor is not truncated. param, grad and the states are contiguous, of the step's
+// dtype; step points to the tensor's float32 step count on the device (read by the
+// kernel, then incremented by the launcher's last kernel).
+struct AdamTensor {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  const uint8_t* mask;
+  float* step;
+  int64_t numel;
+};
+
+// Hyperparameters of one AdamW step; the *_device pointers as in SgdStep.
+struct AdamStep {
+  double lr;
+  double beta1;
+  double beta2;
+  double weight_decay;
+  double eps;
+  double truncation;
+  double grad_scale;
+  bool amsgrad;
+  bool maximize;
+  const void* lr_device;
+  const void* grad_scale_device;
+  const float* found_inf_device;
+};
+
+// All `count` tensors (of one dtype, `kind`; empty ones too, whose step counts still
+// advance): the update in as few launches as the tensor-list limits allow, then one
+// small kernel per 384 tensors that increments the step counts (unless found_inf), so
+// every block reads the count of before the step.
+void launch_masked_adamw(ScalarKind kind, const AdamTensor* tensors, int64_t count,
+                         const AdamStep& step, cudaStream_t stream);
+
 // kept = |values| > threshold over `numel` contiguous values, into `words` 64-bit words
 // (the packed layout of DESIGN §3.1, padding bits zero). threshold_device (compute dtype)
 // overrides threshold_host when not null.
