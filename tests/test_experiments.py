@@ -103,8 +103,8 @@ def test_interrupted_run_keeps_the_finished_epochs(tmp_path, monkeypatch, capsys
 
 
 def test_cnn_runs_share_the_loop_with_any_worm_optimizer():
-    result = run(RunConfig(**{**TINY, "max_epochs": 2, "retrain_epochs": 1}, optimizer="adamw",
-                           lr=1e-3))  # fmt: skip
+    config = {**TINY, "max_epochs": 2, "retrain_epochs": 1, "optimizer": "adamw", "lr": 1e-3}
+    result = run(RunConfig(**config))
     assert result.status == "complete"
     assert result.config["optimizer"] == "adamw"
     assert [row["phase"] for row in result.rows] == ["search", "search", "prune", "retrain"]
