@@ -7,7 +7,9 @@ delivers. Byte counts are STREAM's (elements read + written, no write-allocate r
 which none of the kernels incurs): copy 8 per element, triad 12, update 20.
 
 Compiled at bench time (``torch.utils.cpp_extension``, rebuilt only when the source or
-flags change) and run on as many threads as torch's CPU kernels get.
+flags change) and run on as many threads as torch's CPU kernels get, and on one: where
+one core nearly saturates memory, a thread that waits for a core another process holds
+costs a team of two more than it adds.
 """
 
 import ctypes
@@ -47,19 +49,25 @@ def _library() -> ctypes.CDLL:
 
 
 def stream(numel: int, *, warmup: int, reps: int, budget_s: float | None) -> dict[str, Timing]:
-    """Time every kernel over three float32 arrays of ``numel`` elements."""
+    """Time every kernel over three float32 arrays of ``numel`` elements, as
+    ``"{kernel}@{threads}t"``."""
     lib = _library()
-    threads = torch.get_num_threads()
+    teams = sorted({1, torch.get_num_threads()})
     # torch.empty leaves the pages untouched, so stream_init places them (first touch).
     a, b, c = (torch.empty(numel, dtype=torch.float32) for _ in range(3))
     pa, pb, pc = (t.data_ptr() for t in (a, b, c))
-    lib.stream_init(pa, pb, pc, numel, threads)
+    lib.stream_init(pa, pb, pc, numel, teams[-1])
+    kernels = {
+        "copy": lambda t: lib.stream_copy(pc, pa, numel, t),
+        "triad": lambda t: lib.stream_triad(pa, pb, pc, 3.0, numel, t),
+        # Scale 0.5 keeps b bounded (b -> 2c) over the repetitions.
+        "update": lambda t: lib.stream_update(pa, pb, pc, 0.5, numel, t),
+    }
     return measure(
         {
-            "copy": lambda: lib.stream_copy(pc, pa, numel, threads),
-            "triad": lambda: lib.stream_triad(pa, pb, pc, 3.0, numel, threads),
-            # Scale 0.5 keeps b bounded (b -> 2c) over the repetitions.
-            "update": lambda: lib.stream_update(pa, pb, pc, 0.5, numel, threads),
+            f"{name}@{t}t": functools.partial(kernel, t)
+            for name, kernel in kernels.items()
+            for t in teams
         },
         device=torch.device("cpu"),
         warmup=warmup,

@@ -101,7 +101,7 @@ def bench_stream(rec: Recorder, numel: int, config: Settings) -> None:
     )
     label = f"3 x {numel / (1 << 20):.0f}M floats"
     for name, timing in timings.items():
-        nbytes = roofline.BYTES_PER_ELEMENT[name] * numel
+        nbytes = roofline.BYTES_PER_ELEMENT[name.split("@")[0]] * numel
         rec.add("stream", name, label, timing, numel=numel, nbytes=nbytes)
     # The fastest kernel: what the memory system demonstrably delivers (roofline.py).
     rec.roofline_gbps = max(row.gbps for row in rec.rows)
@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     config = settings(args.quick)
     info = results.machine()
