@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-KEY = ("benchmark", "provider", "param_set", "device")
+# A CSV row is replaced by a new one with the same key; thread count is part of it, as a
+# `--threads 1` run measures something else than a run on every core.
+KEY = ("benchmark", "provider", "param_set", "device", "threads")
 
 
 @dataclasses.dataclass
