@@ -146,16 +146,18 @@ def run(
     reps: int,
     reference_reps: int,
     budget_s: float | None,
+    alongside: dict[str, Callable[[], None]],
 ) -> tuple[SgdCase, dict[str, Provider], dict[str, Timing]]:
-    """Time every provider on one parameter set, interleaved; then WormSGD's reference
-    backend, with fewer repetitions: it is one to two orders of magnitude slower."""
+    """Time every provider on one parameter set, interleaved with ``alongside`` (timed in
+    the same rounds); then WormSGD's reference backend, with fewer repetitions: it is
+    one to two orders of magnitude slower."""
     case = make_case(shapes, device)
     found = providers(case, device)
     reference = OURS.format(backend="reference")
     found[reference] = Provider(_worm_sgd(case, "reference", True).step, True)
     for provider in found.values():  # first step: momentum buffers exist from here on
         provider.step()
-    fast = {name: p.step for name, p in found.items() if name != reference}
+    fast = {name: p.step for name, p in found.items() if name != reference} | alongside
     timings = measure(fast, device=device, warmup=warmup, reps=reps, budget_s=budget_s)
     timings |= measure(
         {reference: found[reference].step}, device=device, warmup=0, reps=reference_reps

@@ -15,6 +15,7 @@ costs a team of two more than it adds.
 import ctypes
 import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,29 +49,37 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def stream(numel: int, *, warmup: int, reps: int, budget_s: float | None) -> dict[str, Timing]:
-    """Time every kernel over three float32 arrays of ``numel`` elements, as
-    ``"{kernel}@{threads}t"``."""
-    lib = _library()
-    teams = sorted({1, torch.get_num_threads()})
-    # torch.empty leaves the pages untouched, so stream_init places them (first touch).
-    a, b, c = (torch.empty(numel, dtype=torch.float32) for _ in range(3))
-    pa, pb, pc = (t.data_ptr() for t in (a, b, c))
-    lib.stream_init(pa, pb, pc, numel, teams[-1])
-    kernels = {
-        "copy": lambda t: lib.stream_copy(pc, pa, numel, t),
-        "triad": lambda t: lib.stream_triad(pa, pb, pc, 3.0, numel, t),
-        # Scale 0.5 keeps b bounded (b -> 2c) over the repetitions.
-        "update": lambda t: lib.stream_update(pa, pb, pc, 0.5, numel, t),
-    }
-    return measure(
-        {
+class Stream:
+    """Three float32 arrays of ``numel`` elements and the kernels that stream them.
+
+    Every kernel runs on torch's thread count and on one thread, named
+    ``"{kernel}@{threads}t"``; ``bytes(name)`` is the traffic of one call.
+    """
+
+    def __init__(self, numel: int) -> None:
+        self.numel = numel
+        lib = _library()
+        teams = sorted({1, torch.get_num_threads()})
+        # torch.empty leaves the pages untouched, so stream_init places them (first touch).
+        self._arrays = [torch.empty(numel, dtype=torch.float32) for _ in range(3)]
+        a, b, c = (t.data_ptr() for t in self._arrays)
+        lib.stream_init(a, b, c, numel, teams[-1])
+        kernels = {
+            "copy": lambda t: lib.stream_copy(c, a, numel, t),
+            "triad": lambda t: lib.stream_triad(a, b, c, 3.0, numel, t),
+            # Scale 0.5 keeps b bounded (b -> 2c) over the repetitions.
+            "update": lambda t: lib.stream_update(a, b, c, 0.5, numel, t),
+        }
+        self.kernels: dict[str, Callable[[], None]] = {
             f"{name}@{t}t": functools.partial(kernel, t)
             for name, kernel in kernels.items()
             for t in teams
-        },
-        device=torch.device("cpu"),
-        warmup=warmup,
-        reps=reps,
-        budget_s=budget_s,
-    )
+        }
+
+    def bytes(self, name: str) -> int:
+        return BYTES_PER_ELEMENT[name.split("@")[0]] * self.numel
+
+    def measure(self, *, warmup: int, reps: int, budget_s: float | None) -> dict[str, Timing]:
+        return measure(
+            self.kernels, device=torch.device("cpu"), warmup=warmup, reps=reps, budget_s=budget_s
+        )
