@@ -1,4 +1,4 @@
-"""Run every benchmark: ``python -m benchmarks.run [--quick] [--out DIR] [--device cpu]``.
+"""Run every benchmark: ``python -m benchmarks.run [--quick] [--out DIR] [--threads N]``.
 
 Measures, in one process: the STREAM roofline (CPU), one SGD step on each parameter set
 for WormSGD and torch SGD, and mask distances. Prints a table and the issue's targets
