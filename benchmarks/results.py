@@ -113,6 +113,4 @@ def table(rows: list[Row]) -> str:
             f"{_fmt(row.roofline_fraction, '.0%'):>10}{_fmt(row.vs_fused_sgd, '.2f'):>10}"
             f"{_fmt(row.vs_mask_mul, '.2f'):>10}{_fmt(row.vs_bool_ne_sum, '.0f'):>9}"
         )
-        if row.note:
-            lines.append(f"    {row.note}")
     return "\n".join(lines)
