@@ -9,6 +9,7 @@ import worm_fast.backends.reference  # registers the kernels
 from worm_fast.profiling.flops import (
     FlopCount,
     OpCost,
+    adamw_step_cost,
     bytes_moved,
     mask_check_cost,
     model_flops,
@@ -123,6 +124,23 @@ def test_masked_sgd_step_flops_are_counted(is_first_step, per_element):
     truncation = 2  # select the factor by the mask bit, multiply
     expected = 10 * per_element + 21 * (per_element + truncation)
     assert counter.get_flop_counts()["Global"] == {ops.masked_sgd_step_: expected}
+
+
+def test_masked_adamw_step_flops_and_step_cost_agree():
+    params, grads, exp_avgs, masks = _sgd_args(masked=True)
+    args = (params, grads, exp_avgs, [torch.rand_like(p) for p in params], [],
+            [torch.zeros(()) for _ in params], masks)  # fmt: skip
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8,
+                 amsgrad=False, maximize=False, truncation=3e-3)  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        ops.masked_adamw_step_(*args, **hyper)
+    # lerp 2, second moment 3, sqrt/bias/eps/divide 4, update 2, weight decay 1; +2 masked
+    expected = 10 * 12 + 21 * (12 + 2)
+    assert counter.get_flop_counts()["Global"] == {ops.masked_adamw_step_: expected}
+    step = adamw_step_cost(params, masked_numel=21, weight_decay=1e-2)
+    assert step.flops == expected
+    # read p, g, m, v; write p, m, v: 7 passes of 4 bytes, plus 21 mask bits (3 bytes)
+    assert step.bytes == 31 * 4 * 7 + 3
 
 
 def test_mask_op_flops_are_counted():

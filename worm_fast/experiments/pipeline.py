@@ -18,7 +18,13 @@ import torch
 from worm_fast import prune
 from worm_fast.experiments.config import RunConfig
 from worm_fast.experiments.workloads import Workload, build_workload, make_optimizer
-from worm_fast.profiling import PhaseProfiler, mask_check_cost, model_flops, optimizer_step_cost
+from worm_fast.profiling import (
+    PhaseProfiler,
+    adamw_step_cost,
+    mask_check_cost,
+    model_flops,
+    optimizer_step_cost,
+)
 from worm_fast.search import EarlyBirdSearch
 from worm_fast.train import evaluate, train_epoch
 
@@ -194,10 +200,14 @@ class _Costs:
 
     def count_epoch(self, profiler, model, steps: int, masked_numel: int) -> None:
         train, _ = self._per_sample(model)
-        step_cost = None
         if self.config.optimizer == "sgd":
             step_cost = optimizer_step_cost(
                 model.parameters(), momentum=self.config.momentum, masked_numel=masked_numel,
+                weight_decay=self.config.weight_decay,
+            )  # fmt: skip
+        else:
+            step_cost = adamw_step_cost(
+                model.parameters(), masked_numel=masked_numel,
                 weight_decay=self.config.weight_decay,
             )  # fmt: skip
         profiler.add_steps(steps, optimizer_per_step=step_cost)

@@ -10,6 +10,7 @@ from worm_fast.profiling.energy import EnergyMeter, EnergyReading
 from worm_fast.profiling.flops import (
     FlopCount,
     OpCost,
+    adamw_step_cost,
     bytes_moved,
     mask_check_cost,
     model_flops,
@@ -25,6 +26,7 @@ __all__ = [
     "OpCost",
     "PhaseProfiler",
     "PhaseRow",
+    "adamw_step_cost",
     "bytes_moved",
     "mask_check_cost",
     "model_flops",

@@ -178,6 +178,31 @@ def sgd_flops_per_element(
     return flops
 
 
+def adamw_flops_per_element(
+    *,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    masked: bool = False,
+    grad_scaled: bool = False,
+) -> int:
+    """Operations per element of one masked AdamW step (``backends.reference``)."""
+    # m lerp 2, v = b2 v + (1 - b2) g^2: 3, sqrt 1, / sqrt(bc2) 1, + eps 1, m / denom 1,
+    # p - step_size * update 2.
+    flops = 11
+    if weight_decay != 0:
+        flops += 1  # p * (1 - lr * wd)
+    if amsgrad:
+        flops += 1  # max(v_max, v)
+    if masked:
+        flops += 2  # factor = kept ? 1 : r, update * factor
+    if grad_scaled:
+        flops += 1
+    if maximize:
+        flops += 1
+    return flops
+
+
 def _mask_bytes(numel: int) -> int:
     # The bits a kernel reads, not the word padding after them.
     return math.ceil(numel / 8)
@@ -214,6 +239,24 @@ def _masked_sgd_step_flop(
     return total
 
 
+@register_flop_formula(_ops.masked_adamw_step_)
+def _masked_adamw_step_flop(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, *,
+    weight_decay, amsgrad, maximize, grad_scale=None, out_shape=None, **unused,
+) -> int:  # fmt: skip
+    return sum(
+        math.prod(shape)
+        * adamw_flops_per_element(
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            masked=bool(masks) and masks[i] is not None,
+            grad_scaled=grad_scale is not None,
+        )
+        for i, shape in enumerate(params)
+    )
+
+
 @register_flop_formula(_ops.pack_mask)
 def _pack_mask_flop(values, threshold, *, out_shape=None) -> int:
     return 2 * math.prod(values)  # |w|, compare with the threshold
@@ -247,6 +290,20 @@ def _masked_sgd_step_bytes(
     return total
 
 
+def _masked_adamw_step_bytes(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, *, amsgrad,
+    **unused,
+) -> int:  # fmt: skip
+    total = 0
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        states = 3 if amsgrad else 2  # m, v (, v_max): each read and written
+        total += param.numel() * param.element_size() * (2 + 2 * states)  # p read, written
+        total += grad.numel() * grad.element_size()
+        if masks and masks[i] is not None:
+            total += _mask_bytes(param.numel())
+    return total
+
+
 def _pack_mask_bytes(values, threshold) -> int:
     return values.numel() * values.element_size() + packed_nbytes(values.numel())
 
@@ -262,12 +319,14 @@ def _hamming_window_bytes(current, window) -> int:
 
 _BYTES = {
     _ops.masked_sgd_step_: _masked_sgd_step_bytes,
+    _ops.masked_adamw_step_: _masked_adamw_step_bytes,
     _ops.pack_mask: _pack_mask_bytes,
     _ops.unpack_mask: _unpack_mask_bytes,
     _ops.hamming_window: _hamming_window_bytes,
 }
 _FLOPS = {
     _ops.masked_sgd_step_: _masked_sgd_step_flop,
+    _ops.masked_adamw_step_: _masked_adamw_step_flop,
     _ops.pack_mask: _pack_mask_flop,
     _ops.unpack_mask: _unpack_mask_flop,
     _ops.hamming_window: _hamming_window_flop,
@@ -336,6 +395,31 @@ def optimizer_step_cost(
     return OpCost(flops, data + _mask_bytes(masked_numel))
 
 
+def adamw_step_cost(
+    params: Iterable[torch.Tensor],
+    *,
+    masked_numel: int,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scaled: bool = False,
+) -> OpCost:
+    """FLOPs and bytes of one WormAdamW step over ``params`` (``masked_numel`` truncated)."""
+    params = list(params)
+    numel = sum(p.numel() for p in params)
+    if not 0 <= masked_numel <= numel:
+        raise ValueError(
+            f"masked_numel must be in [0, {numel}] (the params' size), got {masked_numel}"
+        )
+    hyper = dict(weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                 grad_scaled=grad_scaled)  # fmt: skip
+    flops = numel * adamw_flops_per_element(**hyper) + masked_numel * 2
+    # Per element: read p and g, write p; read and write each moment.
+    tensor_passes = 3 + (6 if amsgrad else 4)
+    data = sum(p.numel() * p.element_size() * tensor_passes for p in params)
+    return OpCost(flops, data + _mask_bytes(masked_numel))
+
+
 def mask_check_cost(
     masked_numel: int, *, window: int, dtype: torch.dtype = torch.float32
 ) -> OpCost:
@@ -354,6 +438,8 @@ def mask_check_cost(
 __all__ = [
     "FlopCount",
     "OpCost",
+    "adamw_flops_per_element",
+    "adamw_step_cost",
     "bytes_moved",
     "mask_check_cost",
     "model_flops",
