@@ -119,3 +119,16 @@ def test_cli_parses_subset_sizes_and_representative_presets():
     assert config.train_subset == "all" and config.representative == "attention_qkv"
     args = cli.build_parser().parse_args(["search", "--representative", "*.bn1.weight", "fc*"])
     assert cli._config(args).representative == ("*.bn1.weight", "fc*")
+
+
+def test_cli_profile_prints_every_phase_and_why_energy_is_missing(tmp_path, capsys):
+    assert cli.main(["profile", *TINY_ARGS, "--no-plots", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for phase in ("search", "prune", "retrain", "total"):
+        assert f"| {phase} |" in printed
+    assert "optimizer FLOPs" in printed and "Energy measured by:" in printed
+    document = json.loads((tmp_path / "results.json").read_text())
+    profile = document["runs"][0]["profile"]
+    assert profile["total"]["optimizer_flops"] > 0
+    if not profile["energy_sources"]:  # this machine: no NVML, no RAPL
+        assert "Not measured:" in printed and profile["total"]["energy_joules"] is None

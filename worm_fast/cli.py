@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="one search → prune → retrain run")
     _add_run_options(search)
     search.add_argument("--mode", choices=MODES, default="worm")
+    profile = commands.add_parser(
+        "profile", help="one search → prune → retrain run with the full per-phase report"
+    )
+    _add_run_options(profile)
+    profile.add_argument("--mode", choices=MODES, default="worm")
     compare = commands.add_parser("compare", help="EB Train vs WORM from identical starts")
     _add_run_options(compare)
     compare.add_argument("--runs", type=int, default=1, help="seeds to average over")
@@ -182,7 +187,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _variants(args: argparse.Namespace) -> dict[str, dict]:
-    if args.command == "search":
+    if args.command in ("search", "profile"):
         return {args.mode: {"mode": args.mode}}
     if args.command == "compare":
         return compare_variants(with_truncate=args.with_truncate)
@@ -225,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         report.plot_mask_distances(document, args.out / "mask_distance.png")
         report.plot_losses(document, args.out / "loss.png")
     print(report.paper_table(document))
-    print(report.profile_table(document))
+    if args.command == "profile":
+        print(report.full_profile(document["runs"][0]["profile"]))
+    else:
+        print(report.profile_table(document))
     print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, phases.csv, table.md"
           + ("" if args.no_plots else ", mask_distance.png, loss.png") + ")")  # fmt: skip
     return 0

@@ -149,6 +149,39 @@ def profile_table(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FULL_PROFILE_COLUMNS = {
+    "time (s)": ("duration", "{:.2f}"),
+    "steps": ("steps", "{:.0f}"),
+    "model FLOPs": ("model_flops", "{:.3g}"),
+    "optimizer FLOPs": ("optimizer_flops", "{:.3g}"),
+    "optimizer bytes": ("optimizer_bytes", "{:.3g}"),
+    "mask FLOPs": ("mask_flops", "{:.3g}"),
+    "energy (J)": ("energy_joules", "{:.1f}"),
+    "energy (kWh)": ("energy_consumed", "{:.3g}"),
+    "CO2 (kg)": ("emissions", "{:.3g}"),
+    "peak memory (B)": ("peak_memory_bytes", "{:.3g}"),
+}
+
+
+def full_profile(profile: dict) -> str:
+    """One run's per-phase report (``PhaseProfiler.to_dict()``) with every measure, and
+    which energy sources measured it or why they could not."""
+    header = ["phase", *FULL_PROFILE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in [*profile["phases"], profile["total"]]:
+        cells = [row["phase"]] + [
+            "n/a" if row[key] is None else template.format(row[key])
+            for key, template in FULL_PROFILE_COLUMNS.values()
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    sources = ", ".join(profile["energy_sources"]) or "none"
+    lines.append(f"\nEnergy measured by: {sources}.")
+    if profile["energy_unavailable"]:
+        reasons = "; ".join(f"{n}: {why}" for n, why in profile["energy_unavailable"].items())
+        lines.append(f"Not measured: {reasons}.")
+    return "\n".join(lines) + "\n"
+
+
 def _csv_text(rows: list[dict], columns) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
@@ -228,29 +261,28 @@ def plot_mask_distances(document: dict, path: str | os.PathLike) -> Path:
 
 
 def plot_losses(document: dict, path: str | os.PathLike, *, smoothing: int = 10) -> Path:
-    """Training loss per step through search and retraining, per variant (Figure 2):
-    the mean over seeds, smoothed by a moving average of ``smoothing`` steps."""
+    """Training loss per step through search and retraining of each variant's first run
+    (the paper's Figure 2 shows one run: averaging runs whose tickets are pruned at
+    different steps would blur the pruning jumps), smoothed over ``smoothing`` steps."""
     figure, axis = plt.subplots(figsize=(7, 4.2))
+    seed = None
     for index, variant in enumerate(document["variants"]):
-        curves = [
-            [loss for row in run.get("rows", []) for loss in row.get("batch_losses", [])]
-            for run in document["runs"]
-            if run["variant"] == variant
+        run = next((r for r in document["runs"] if r["variant"] == variant), None)
+        losses = [
+            loss for row in (run or {}).get("rows", []) for loss in row.get("batch_losses", [])
         ]
-        curves = [c for c in curves if c]
-        if not curves:
+        if not losses:
             continue
-        length = min(len(c) for c in curves)
-        mean = torch.tensor([c[:length] for c in curves]).mean(dim=0)
-        window = max(1, min(smoothing, length))
-        smooth = torch.nn.functional.avg_pool1d(mean[None, None], window, stride=1)[0, 0]
-        axis.plot(range(window - 1, length), smooth.tolist(), color=f"C{index}", label=variant)
-        run = next(r for r in document["runs"] if r["variant"] == variant)
+        seed = run["seed"]
+        window = max(1, min(smoothing, len(losses)))
+        curve = torch.tensor(losses)[None, None]
+        smooth = torch.nn.functional.avg_pool1d(curve, window, stride=1)[0, 0]
+        axis.plot(range(window - 1, len(losses)), smooth.tolist(), color=f"C{index}", label=variant)
         search_steps = sum(row.get("steps", 0) for row in run["rows"] if row["phase"] == "search")
         axis.axvline(search_steps, color=f"C{index}", ls=":", lw=1)
     axis.set_xlabel("training step (dotted: ticket pruned, retraining starts)")
-    axis.set_ylabel("training loss")
-    axis.set_title("Training loss, " + " vs ".join(document["variants"]))
+    axis.set_ylabel(f"training loss ({smoothing}-step moving average)")
+    axis.set_title("Training loss, " + " vs ".join(document["variants"]) + f" (seed {seed})")
     axis.legend()
     axis.grid(alpha=0.3)
     return _save(figure, path)
