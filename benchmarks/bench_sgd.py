@@ -155,14 +155,34 @@ def run(
     found = providers(case, device)
     reference = OURS.format(backend="reference")
     found[reference] = Provider(_worm_sgd(case, "reference", True).step, True)
-    for provider in found.values():  # first step: momentum buffers exist from here on
+    timings = time_providers(
+        found, reference, device, warmup=warmup, reps=reps, reference_reps=reference_reps,
+        budget_s=budget_s, alongside=alongside,
+    )  # fmt: skip
+    return case, found, timings
+
+
+def time_providers(
+    found: dict[str, Provider],
+    reference: str,
+    device: torch.device,
+    *,
+    warmup: int,
+    reps: int,
+    reference_reps: int,
+    budget_s: float | None,
+    alongside: dict[str, Callable[[], None]],
+) -> dict[str, Timing]:
+    """One first step each (optimizer state exists from then on), then the timings: the
+    fast providers and ``alongside`` interleaved, the ``reference`` provider on its own."""
+    for provider in found.values():
         provider.step()
     fast = {name: p.step for name, p in found.items() if name != reference} | alongside
     timings = measure(fast, device=device, warmup=warmup, reps=reps, budget_s=budget_s)
     timings |= measure(
         {reference: found[reference].step}, device=device, warmup=0, reps=reference_reps
     )
-    return case, found, timings
+    return timings
 
 
 def describe(case: SgdCase) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_hamming, bench_sgd, param_sets, results, roofline
+from benchmarks import bench_adamw, bench_hamming, bench_sgd, param_sets, results, roofline
 from benchmarks.timing import Timing
 from worm_fast import backends
 
@@ -131,12 +131,15 @@ def bench_step(
     config: Settings,
     stream: roofline.Stream | None,
     kernels: list[str],
+    bench=bench_sgd,
+    benchmark: str = "sgd_step",
 ) -> None:
+    """One optimizer step on ``shapes``: ``bench`` is ``bench_sgd`` or ``bench_adamw``."""
     # The best roofline kernels run in the same rounds as the optimizers, so that the
     # bandwidth or cores other processes take lower both alike; which thread count does
     # best depends on that load, hence one kernel of each.
     alongside = {f"roofline:{k}": stream.kernels[k] for k in kernels} if stream else {}
-    case, found, timings = bench_sgd.run(
+    case, found, timings = bench.run(
         shapes,
         device,
         warmup=config.warmup,
@@ -146,8 +149,8 @@ def bench_step(
         alongside=alongside,
     )
     print(f"  {name}: {bench_sgd.describe(case)}", flush=True)
-    fused = timings[bench_sgd.FUSED].median
-    mask_mul = timings[bench_sgd.MASK_MUL].median
+    fused = timings[bench.FUSED].median
+    mask_mul = timings[bench.MASK_MUL].median
     measured = {k: timings.pop(f"roofline:{k}") for k in kernels if stream}
     roofline_gbps = None
     if measured:
@@ -155,7 +158,7 @@ def bench_step(
         rec.rooflines[name] = roofline_gbps
     for kernel, timing in measured.items():
         rec.add(
-            "sgd_step",
+            benchmark,
             f"roofline:{kernel}",
             name,
             timing,
@@ -165,14 +168,14 @@ def bench_step(
         )
     for provider, timing in timings.items():
         rec.add(
-            "sgd_step",
+            benchmark,
             provider,
             name,
             timing,
             numel=case.numel,
-            nbytes=bench_sgd.step_bytes(case, found[provider].truncates),
+            nbytes=bench.step_bytes(case, found[provider].truncates),
             roofline_gbps=roofline_gbps,
-            vs_fused_sgd=fused / timing.median,
+            vs_fused=fused / timing.median,
             vs_mask_mul=mask_mul / timing.median,
             note="truncates" if found[provider].truncates else "",
         )
@@ -230,7 +233,7 @@ def targets(rec: Recorder, device: torch.device) -> list[dict]:
             check(
                 "time vs fused torch SGD (speedup >= 1/1.05)",
                 row.param_set,
-                row.vs_fused_sgd,
+                row.vs_fused,
                 1 / 1.05,
             )
             check("speedup vs torch SGD + _foreach_mul_", row.param_set, row.vs_mask_mul, 1.5)
@@ -285,6 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     print("SGD step ...", flush=True)
     for name, shapes in param_sets.for_run(args.quick).items():
         bench_step(rec, name, shapes, device, config, stream, best)
+    print("AdamW step ...", flush=True)
+    for name, shapes in param_sets.for_run(args.quick).items():
+        if name != "bert-base":  # 3 GB of AdamW state per provider: too slow for 2 cores
+            bench_step(rec, name, shapes, device, config, stream, best, bench_adamw, "adamw_step")
     print("mask distances ...", flush=True)
     bench_masks(rec, config.hamming_bits, device, config)
 
