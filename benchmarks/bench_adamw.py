@@ -73,6 +73,7 @@ def run(
     reference_reps: int,
     budget_s: float | None,
     alongside: dict[str, Callable[[], None]],
+    flush: Callable[[], object],
 ) -> tuple[SgdCase, dict[str, Provider], dict[str, Timing]]:
     """Every AdamW provider on one parameter set, as ``bench_sgd.run``."""
     case = make_case(shapes, device)
@@ -81,6 +82,6 @@ def run(
     found[reference] = Provider(_worm_adamw(case, "reference", True).step, True)
     timings = time_providers(
         found, reference, device, warmup=warmup, reps=reps, reference_reps=reference_reps,
-        budget_s=budget_s, alongside=alongside,
+        budget_s=budget_s, alongside=alongside, flush=flush,
     )  # fmt: skip
     return case, found, timings

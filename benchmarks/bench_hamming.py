@@ -5,6 +5,8 @@ As in ``MaskWindow.distances``: the newest of ``length`` masks against each olde
 ``length - 1`` distances, left on the device (no host sync).
 """
 
+from collections.abc import Callable
+
 import torch
 
 from benchmarks.timing import Timing, measure
@@ -22,6 +24,7 @@ def run(
     warmup: int,
     reps: int,
     budget_s: float | None,
+    flush: Callable[[], object],
 ) -> tuple[dict[str, int], dict[str, Timing]]:
     """Timings by provider, and the bytes of the ``length`` masks each one reads."""
     generator = torch.Generator(device=device).manual_seed(0)
@@ -48,4 +51,6 @@ def run(
     read = {name: length * packed.shape[1] for name in fns}
     read[EARLY_BIRD_BOOL] = length * bits
     read["early_bird_float_ne_sum"] = length * bits * 4
-    return read, measure(fns, device=device, warmup=warmup, reps=reps, budget_s=budget_s)
+    return read, measure(
+        fns, device=device, warmup=warmup, reps=reps, budget_s=budget_s, flush=flush
+    )

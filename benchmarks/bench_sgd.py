@@ -147,6 +147,7 @@ def run(
     reference_reps: int,
     budget_s: float | None,
     alongside: dict[str, Callable[[], None]],
+    flush: Callable[[], object],
 ) -> tuple[SgdCase, dict[str, Provider], dict[str, Timing]]:
     """Time every provider on one parameter set, interleaved with ``alongside`` (timed in
     the same rounds); then WormSGD's reference backend, with fewer repetitions: it is
@@ -157,7 +158,7 @@ def run(
     found[reference] = Provider(_worm_sgd(case, "reference", True).step, True)
     timings = time_providers(
         found, reference, device, warmup=warmup, reps=reps, reference_reps=reference_reps,
-        budget_s=budget_s, alongside=alongside,
+        budget_s=budget_s, alongside=alongside, flush=flush,
     )  # fmt: skip
     return case, found, timings
 
@@ -172,15 +173,21 @@ def time_providers(
     reference_reps: int,
     budget_s: float | None,
     alongside: dict[str, Callable[[], None]],
+    flush: Callable[[], object],
 ) -> dict[str, Timing]:
     """One first step each (optimizer state exists from then on), then the timings: the
-    fast providers and ``alongside`` interleaved, the ``reference`` provider on its own."""
+    fast providers and ``alongside`` interleaved, the ``reference`` provider on its own;
+    ``flush`` runs before every timed call (``timing.cache_flusher``)."""
     for provider in found.values():
         provider.step()
     fast = {name: p.step for name, p in found.items() if name != reference} | alongside
-    timings = measure(fast, device=device, warmup=warmup, reps=reps, budget_s=budget_s)
+    timings = measure(fast, device=device, warmup=warmup, reps=reps, budget_s=budget_s, flush=flush)
     timings |= measure(
-        {reference: found[reference].step}, device=device, warmup=0, reps=reference_reps
+        {reference: found[reference].step},
+        device=device,
+        warmup=0,
+        reps=reference_reps,
+        flush=flush,
     )
     return timings
 

@@ -8,18 +8,18 @@ for WormSGD and torch SGD, and mask distances. Prints a table and the issue's ta
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from benchmarks import bench_adamw, bench_hamming, bench_sgd, param_sets, results, roofline
-from benchmarks.timing import Timing
+from benchmarks.timing import Timing, cache_flusher, last_level_cache_bytes
 from worm_fast import backends
 
 # Masks, as in the Early-Bird search: window of 5, one bit per element of a 16M model.
 HAMMING_WINDOW = 5
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -30,23 +30,23 @@ class Settings:
     reps: int
     reference_reps: int
     budget_s: float | None  # per group of interleaved providers (see timing.measure)
+    flush_bytes: int | None  # read before every timed call (None: twice the cache)
 
 
 def stream_numel() -> int:
     """Floats per STREAM array: at least 64M, and twice the last-level cache, so that
     no array (let alone the three) fits in any cache."""
-    largest = 0
-    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = size.read_text().strip()
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": GIB}.get(text[-1], 1)
-        largest = max(largest, int(text.rstrip("KMG")) * scale)
-    return max(64 << 20, 2 * largest // 4)
+    return max(64 << 20, 2 * last_level_cache_bytes() // 4)
 
 
 def settings(quick: bool) -> Settings:
     if quick:
-        return Settings(1 << 20, 1 << 16, warmup=1, reps=3, reference_reps=1, budget_s=None)
-    return Settings(stream_numel(), 1 << 24, warmup=2, reps=15, reference_reps=3, budget_s=30)
+        return Settings(
+            1 << 20, 1 << 16, warmup=1, reps=3, reference_reps=1, budget_s=None, flush_bytes=1 << 20
+        )
+    return Settings(
+        stream_numel(), 1 << 24, warmup=2, reps=15, reference_reps=3, budget_s=30, flush_bytes=None
+    )
 
 
 class Recorder:
@@ -131,6 +131,7 @@ def bench_step(
     config: Settings,
     stream: roofline.Stream | None,
     kernels: list[str],
+    flush: Callable[[], object],
     bench=bench_sgd,
     benchmark: str = "sgd_step",
 ) -> None:
@@ -147,6 +148,7 @@ def bench_step(
         reference_reps=config.reference_reps,
         budget_s=config.budget_s,
         alongside=alongside,
+        flush=flush,
     )
     print(f"  {name}: {bench_sgd.describe(case)}", flush=True)
     fused = timings[bench.FUSED].median
@@ -181,7 +183,9 @@ def bench_step(
         )
 
 
-def bench_masks(rec: Recorder, bits: int, device: torch.device, config: Settings) -> None:
+def bench_masks(
+    rec: Recorder, bits: int, device: torch.device, config: Settings, flush: Callable[[], object]
+) -> None:
     fast = bench_sgd.fast_backend(device)
     names = [fast, "reference"] if fast else ["reference"]
     read, timings = bench_hamming.run(
@@ -192,6 +196,7 @@ def bench_masks(rec: Recorder, bits: int, device: torch.device, config: Settings
         warmup=config.warmup,
         reps=config.reps,
         budget_s=config.budget_s,
+        flush=flush,
     )
     bool_time = timings[bench_hamming.EARLY_BIRD_BOOL].median
     label = f"{HAMMING_WINDOW} x {bits / (1 << 20):.0f}M bits"
@@ -285,15 +290,18 @@ def main(argv: list[str] | None = None) -> None:
         print("roofline (STREAM) ...", flush=True)
         stream = roofline.Stream(config.stream_numel)
         best = bench_stream(rec, stream, config)
+    flush = cache_flusher(device, config.flush_bytes)
     print("SGD step ...", flush=True)
     for name, shapes in param_sets.for_run(args.quick).items():
-        bench_step(rec, name, shapes, device, config, stream, best)
+        bench_step(rec, name, shapes, device, config, stream, best, flush)
     print("AdamW step ...", flush=True)
     for name, shapes in param_sets.for_run(args.quick).items():
         if name != "bert-base":  # 3 GB of AdamW state per provider: too slow for 2 cores
-            bench_step(rec, name, shapes, device, config, stream, best, bench_adamw, "adamw_step")
+            bench_step(
+                rec, name, shapes, device, config, stream, best, flush, bench_adamw, "adamw_step"
+            )
     print("mask distances ...", flush=True)
-    bench_masks(rec, config.hamming_bits, device, config)
+    bench_masks(rec, config.hamming_bits, device, config, flush)
 
     found = targets(rec, device)
     print(results.table(rec.rows))

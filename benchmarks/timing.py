@@ -3,6 +3,7 @@
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,35 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs), 0 where unknown."""
+    largest = 0
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        largest = max(largest, int(text.rstrip("KMG")) * scale)
+    return largest
+
+
+def cache_flusher(device: torch.device, nbytes: int | None = None) -> Callable[[], None]:
+    """A call that evicts what the last provider left in the caches.
+
+    In training, the forward and backward passes between two optimizer steps sweep the
+    caches; without this, a provider would find the parameters and gradients its
+    predecessor just streamed. Reading (not writing) a buffer of ``nbytes`` (default:
+    twice the last-level cache) leaves clean lines, so the timed call pays no write-back
+    for the flush.
+    """
+    if nbytes is None:
+        if device.type == "cuda":
+            cache = torch.cuda.get_device_properties(device).L2_cache_size
+        else:
+            cache = last_level_cache_bytes()
+        nbytes = 2 * max(cache, 1 << 20)
+    buffer = torch.ones(nbytes // 4, device=device)
+    return lambda: buffer.sum()
+
+
 def _summarize(samples: list[float]) -> Timing:
     p20, median, p80 = (
         torch.tensor(samples, dtype=torch.float64)
@@ -43,8 +73,11 @@ def measure(
     warmup: int,
     reps: int,
     budget_s: float | None = None,
+    flush: Callable[[], object] | None = None,
 ) -> dict[str, Timing]:
     """Time every function of ``fns`` ``reps`` times, after ``warmup`` untimed calls each.
+
+    ``flush`` (untimed) runs before every call, e.g. a ``cache_flusher``.
 
     With ``budget_s``, fewer repetitions (but at least ``MIN_REPS``) when the last
     warm-up round says that ``reps`` rounds would take longer than that.
@@ -56,10 +89,17 @@ def measure(
     """
     sync = _synchronizer(device)
     names = list(fns)
+
+    def prepare() -> None:
+        if flush is not None:
+            flush()
+        sync()
+
     round_s = 0.0
     for _ in range(warmup):
         start = time.perf_counter()
         for name in names:
+            prepare()
             fns[name]()
         sync()
         round_s = time.perf_counter() - start
@@ -69,6 +109,7 @@ def measure(
     for round_ in range(reps):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
+            prepare()
             start = time.perf_counter()
             fns[name]()
             sync()
