@@ -7,11 +7,8 @@ AdamW that does not even truncate the update once the second moment adapts (Worm
 scales the update instead), so it stands here for the cost of a separate mask pass.
 """
 
-from collections.abc import Callable
-
 import torch
 
-from benchmarks import param_sets
 from benchmarks.bench_sgd import (
     Provider,
     R,
@@ -19,10 +16,7 @@ from benchmarks.bench_sgd import (
     _float_masks,
     _masked_step,
     fast_backend,
-    make_case,
-    time_providers,
 )
-from benchmarks.timing import Timing
 from worm_fast import WormAdamW
 
 LR, WEIGHT_DECAY = 1e-3, 1e-2
@@ -32,6 +26,7 @@ STEP_BYTES_PER_ELEMENT = 7 * 4
 FUSED = "torch_adamw_fused"  # the named baseline, no truncation
 MASK_MUL = "torch_adamw_foreach+foreach_mul"
 OURS = "worm_adamw_{backend}+trunc"
+REFERENCE = OURS.format(backend="reference")
 
 
 def _torch_adamw(case: SgdCase, **impl) -> torch.optim.AdamW:
@@ -57,31 +52,9 @@ def providers(case: SgdCase, device: torch.device) -> dict[str, Provider]:
     for name, impl in ((MASK_MUL, "foreach"), ("torch_adamw_fused+foreach_mul", "fused")):
         opt = _torch_adamw(case, **{impl: True})
         found[name] = Provider(_masked_step(grads, phases, opt, True), True)
+    found[REFERENCE] = Provider(_worm_adamw(case, "reference", True).step, True)
     return found
 
 
 def step_bytes(case: SgdCase, truncates: bool) -> int:
     return STEP_BYTES_PER_ELEMENT * case.numel + (case.mask_bytes if truncates else 0)
-
-
-def run(
-    shapes: param_sets.Shapes,
-    device: torch.device,
-    *,
-    warmup: int,
-    reps: int,
-    reference_reps: int,
-    budget_s: float | None,
-    alongside: dict[str, Callable[[], None]],
-    flush: Callable[[], object],
-) -> tuple[SgdCase, dict[str, Provider], dict[str, Timing]]:
-    """Every AdamW provider on one parameter set, as ``bench_sgd.run``."""
-    case = make_case(shapes, device)
-    found = providers(case, device)
-    reference = OURS.format(backend="reference")
-    found[reference] = Provider(_worm_adamw(case, "reference", True).step, True)
-    timings = time_providers(
-        found, reference, device, warmup=warmup, reps=reps, reference_reps=reference_reps,
-        budget_s=budget_s, alongside=alongside, flush=flush,
-    )  # fmt: skip
-    return case, found, timings

@@ -6,6 +6,7 @@ Hyperparameters: fp32, lr 0.01, momentum 0.9, weight decay 5e-4; truncation r = 
 on the representative tensors (``param_sets.representative``) with masks of density 0.5.
 """
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ STEP_BYTES_PER_ELEMENT = 5 * 4
 FUSED = "torch_sgd_fused"  # the named baseline, no truncation
 MASK_MUL = "torch_sgd_foreach+foreach_mul"  # how users truncate today
 OURS = "worm_sgd_{backend}+trunc"
+REFERENCE = OURS.format(backend="reference")
 
 
 @dataclass
@@ -104,7 +106,7 @@ class Provider:
 
 
 def providers(case: SgdCase, device: torch.device) -> dict[str, Provider]:
-    """Every implementation of one optimizer step, by name (not the reference backend)."""
+    """Every implementation of one optimizer step, by name; the reference backend too."""
     found: dict[str, Provider] = {}
     ours = fast_backend(device)
     if ours is not None:
@@ -120,6 +122,7 @@ def providers(case: SgdCase, device: torch.device) -> dict[str, Provider]:
     ):
         opt = _torch_sgd(case, **{impl: True})
         found[name] = Provider(_masked_step(grads, phases, opt, foreach), True)
+    found[REFERENCE] = Provider(_worm_sgd(case, "reference", True).step, True)
     return found
 
 
@@ -148,16 +151,17 @@ def run(
     budget_s: float | None,
     alongside: dict[str, Callable[[], None]],
     flush: Callable[[], object],
+    bench=None,
 ) -> tuple[SgdCase, dict[str, Provider], dict[str, Timing]]:
-    """Time every provider on one parameter set, interleaved with ``alongside`` (timed in
-    the same rounds); then WormSGD's reference backend, with fewer repetitions: it is
-    one to two orders of magnitude slower."""
+    """Time every provider of ``bench`` (a module with ``providers`` and ``REFERENCE``:
+    this one, or ``bench_adamw``) on one parameter set, interleaved with ``alongside``
+    (timed in the same rounds); then the reference backend, with fewer repetitions: it
+    is one to two orders of magnitude slower."""
+    bench = bench or sys.modules[__name__]
     case = make_case(shapes, device)
-    found = providers(case, device)
-    reference = OURS.format(backend="reference")
-    found[reference] = Provider(_worm_sgd(case, "reference", True).step, True)
+    found = bench.providers(case, device)
     timings = time_providers(
-        found, reference, device, warmup=warmup, reps=reps, reference_reps=reference_reps,
+        found, bench.REFERENCE, device, warmup=warmup, reps=reps, reference_reps=reference_reps,
         budget_s=budget_s, alongside=alongside, flush=flush,
     )  # fmt: skip
     return case, found, timings

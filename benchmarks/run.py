@@ -140,7 +140,7 @@ def bench_step(
     # bandwidth or cores other processes take lower both alike; which thread count does
     # best depends on that load, hence one kernel of each.
     alongside = {f"roofline:{k}": stream.kernels[k] for k in kernels} if stream else {}
-    case, found, timings = bench.run(
+    case, found, timings = bench_sgd.run(
         shapes,
         device,
         warmup=config.warmup,
@@ -149,6 +149,7 @@ def bench_step(
         budget_s=config.budget_s,
         alongside=alongside,
         flush=flush,
+        bench=bench,
     )
     print(f"  {name}: {bench_sgd.describe(case)}", flush=True)
     fused = timings[bench.FUSED].median
