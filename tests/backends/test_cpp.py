@@ -344,6 +344,11 @@ def test_masked_sgd_step_large_multi_tensor_list(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_masked_sgd_step_grad_scale(dtype):
+    _check_grad_scale(dtype)
+
+
+def _check_grad_scale(dtype):
+    # Gradients 1024 times too large: a kernel that skipped the unscaling fails loudly.
     case = _case(ODD_SIZES, dtype, "random", seed=11)
     scale = torch.tensor(1024.0)
     scaled = (case[0], [(g.float() * 1024).to(dtype) for g in case[1]], case[2], case[3])
@@ -829,6 +834,7 @@ def _check_against_reference_quickly():
                 case = _case((1, 63, 65, 4097, 20_000), dtype, density)
                 kwargs = _step_kwargs(hp, is_first_step=first)
                 _assert_step_matches_reference(case, f"{dtype} {density} {hp}", **kwargs)
+        _check_grad_scale(dtype)
         for hp in ADAMW_HYPERPARAMETERS[::3]:  # each of amsgrad, wd, maximize on and off
             for density in ("no_masks", "random"):
                 case, masks = _adamw_case((1, 63, 65, 4097, 20_000), dtype, density, hp["amsgrad"])
@@ -839,7 +845,8 @@ def _check_against_reference_quickly():
     assert torch.equal(
         torch.ops.worm_fast.unpack_mask(packed, 4097), reference.unpack_mask(packed, 4097)
     )
-    window = _random_bytes(5, packed.numel() + 3, seed=4)
+    # 9 rows: one pass over 8 rows, then one over the last (hamming_rows<1>).
+    window = _random_bytes(9, packed.numel() + 3, seed=4)
     current = _random_bytes(packed.numel() + 3, seed=5)
     assert torch.equal(
         torch.ops.worm_fast.hamming_window(current, window),

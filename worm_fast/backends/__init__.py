@@ -7,6 +7,7 @@ then ``triton``, anything else → ``reference``. ``WORM_FAST_BACKEND`` or a ``b
 argument forces one.
 """
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -31,9 +32,16 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"worm_fast.backends.{name}")
 
 
+@functools.cache
+def _status(name: str) -> BackendStatus:
+    # Fixed once the backend's module is imported (its kernels are registered then);
+    # cached because every op call resolves a backend.
+    return _module(name).status()
+
+
 def available() -> dict[str, BackendStatus]:
     """Every backend, whether it can run here, and why not when it cannot."""
-    return {name: _module(name).status() for name in NAMES}
+    return {name: _status(name) for name in NAMES}
 
 
 def resolve(backend: str | None, device: torch.device) -> ModuleType:
@@ -41,13 +49,13 @@ def resolve(backend: str | None, device: torch.device) -> ModuleType:
     choice = backend or os.environ.get(ENV_VAR) or "auto"
     if choice == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            status = _module(name).status()
+            status = _status(name)
             if status.available and _supports(status, device):
                 return _module(name)
         raise AssertionError("the reference backend always runs")  # pragma: no cover
     if choice not in NAMES:
         raise ValueError(f"unknown backend {choice!r}; expected 'auto' or one of {NAMES}")
-    status = _module(choice).status()
+    status = _status(choice)
     if not status.available:
         raise RuntimeError(f"backend {choice!r} is not available: {status.reason}")
     if not _supports(status, device):
