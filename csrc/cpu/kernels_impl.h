@@ -267,14 +267,24 @@ WF_INLINE void sgd_elements(typename Io::S* __restrict p, const typename Io::S* 
 }
 
 #if WF_HAVE_AVX512
+// Elements ahead of the loads that sgd_block_avx512 prefetches on each stream: with the
+// hardware prefetcher alone a core keeps too few misses in flight (2-5 % faster here).
+constexpr int64_t kStreamPrefetch = 512;
+
 // sgd_elements for 64 fp32 elements, spelled out in AVX-512: each 16-bit quarter of the
 // mask word is the lane mask of a merge-masked multiply, so truncation costs one
-// instruction per 16 elements (the generic loop needs a shift and a compare more, which
-// shows: ~20 % slower in cache, ~5 % from memory). Same operations in the same order.
+// instruction per 16 elements (the generic loop needs a shift and a compare more).
+// Same operations in the same order, so the same results.
+
 template <bool kScaled, bool kMask, bool kWd, int kMom, bool kNesterov>
 WF_INLINE void sgd_block_avx512(float* __restrict p, const float* __restrict g,
                                 float* __restrict b, uint64_t word, const SgdConsts<float>& c) {
   for (int64_t e = 0; e < kWordBits; e += 16) {
+    __builtin_prefetch(g + e + kStreamPrefetch);
+    __builtin_prefetch(p + e + kStreamPrefetch, 1);
+    if constexpr (kMom == kRunning) {
+      __builtin_prefetch(b + e + kStreamPrefetch, 1);
+    }
     __m512 grad = _mm512_loadu_ps(g + e);
     if constexpr (kScaled) {
       grad = _mm512_div_ps(grad, _mm512_set1_ps(c.grad_scale));
@@ -334,6 +344,10 @@ WF_INLINE void sgd_block(typename Io::S* __restrict p, const typename Io::S* __r
   }
 }
 
+// Bytes ahead that sgd_loop prefetches the mask: a slow stream (one cache line per 512
+// elements) that the hardware prefetcher does not run ahead of.
+constexpr int64_t kMaskHammingPrefetchBytes = 256;
+
 template <class Io, bool kScaled, bool kMask, bool kWd, int kMom, bool kNesterov>
 void sgd_loop(const SgdTensor& t, const SgdConsts<typename Io::T>& c, int64_t begin,
               int64_t end) {
@@ -342,7 +356,11 @@ void sgd_loop(const SgdTensor& t, const SgdConsts<typename Io::T>& c, int64_t be
   const S* g = static_cast<const S*>(t.grad);
   S* b = kMom != kNoMomentum ? static_cast<S*>(t.buf) : nullptr;
   for (int64_t base = begin; base < end; base += kWordBits) {
-    const uint64_t word = kMask ? load_u64(t.mask + base / 8) : 0;
+    uint64_t word = 0;
+    if constexpr (kMask) {
+      word = load_u64(t.mask + base / 8);
+      __builtin_prefetch(t.mask + base / 8 + kMaskHammingPrefetchBytes);
+    }
     S* bb = kMom != kNoMomentum ? b + base : nullptr;
     if (end - base >= kWordBits) {
       sgd_block<Io, true, kScaled, kMask, kWd, kMom, kNesterov>(p + base, g + base, bb, word, c,
@@ -763,7 +781,7 @@ WF_INLINE int64_t pop_sum(PopVec v) { return static_cast<int64_t>(v); }
 // How far ahead of the loads hamming_rows prefetches each stream: software prefetches
 // keep more misses in flight than the hardware prefetcher does alone (about 10 % more
 // read bandwidth on the machine this was tuned on; 512 to 2048 bytes do equally well).
-constexpr int64_t kPrefetchBytes = 1024;
+constexpr int64_t kHammingPrefetchBytes = 1024;
 
 // acc[r] += differing bits of current[0, n) and rows[r][0, n), for R rows in one pass:
 // each vector of `current` is loaded once, and the R + 1 streams read side by side keep
@@ -778,9 +796,9 @@ void hamming_rows(const uint8_t* current, const uint8_t* const* rows, int64_t n,
   int64_t i = 0;
   for (; n - i >= kPopBytes; i += kPopBytes) {
     const PopVec c = pop_load(current + i);
-    __builtin_prefetch(current + i + kPrefetchBytes);
+    __builtin_prefetch(current + i + kHammingPrefetchBytes);
     for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(rows[r] + i + kPrefetchBytes);
+      __builtin_prefetch(rows[r] + i + kHammingPrefetchBytes);
       sums[r] = pop_add(sums[r], pop_xor_count(c, pop_load(rows[r] + i)));
     }
   }
