@@ -2,9 +2,11 @@
 
 copy (c = a) and triad (a = b + s c) as in STREAM, with non-temporal stores, and update
 (b = s b + c; a += s b, in place): the read/write mix of an SGD step with momentum. The
-roofline is the fastest of the three: the bandwidth the memory system demonstrably
-delivers. Byte counts are STREAM's (elements read + written, no write-allocate reads,
-which none of the kernels incurs): copy 8 per element, triad 12, update 20.
+roofline of the optimizer steps is the fastest of the three: the bandwidth the memory
+system demonstrably delivers. dot (sum of a b) only reads, and is the roofline of the
+read-only mask distances (on some machines reads alone stream far slower than a mix).
+Byte counts are STREAM's (elements read + written, no write-allocate reads, which none
+of the kernels incurs): copy 8 per element, triad 12, update 20, dot 8.
 
 Compiled at bench time (``torch.utils.cpp_extension``, rebuilt only when the source or
 flags change) and run on as many threads as torch's CPU kernels get, and on one: where
@@ -25,7 +27,8 @@ from benchmarks.timing import Timing, measure
 
 _SOURCE = Path(__file__).with_name("stream.cpp")
 _NAME = "worm_bench_stream"
-BYTES_PER_ELEMENT = {"copy": 8, "triad": 12, "update": 20}
+BYTES_PER_ELEMENT = {"copy": 8, "triad": 12, "update": 20, "dot": 8}
+READ_ONLY = "dot"
 
 
 @functools.cache
@@ -46,6 +49,8 @@ def _library() -> ctypes.CDLL:
     lib.stream_copy.argtypes = [ptr, ptr, n, threads]
     lib.stream_triad.argtypes = [ptr, ptr, ptr, scalar, n, threads]
     lib.stream_update.argtypes = [ptr, ptr, ptr, scalar, n, threads]
+    lib.stream_dot.argtypes = [ptr, ptr, n, threads]
+    lib.stream_dot.restype = ctypes.c_double
     return lib
 
 
@@ -69,6 +74,7 @@ class Stream:
             "triad": lambda t: lib.stream_triad(a, b, c, 3.0, numel, t),
             # Scale 0.5 keeps b bounded (b -> 2c) over the repetitions.
             "update": lambda t: lib.stream_update(a, b, c, 0.5, numel, t),
+            "dot": lambda t: lib.stream_dot(a, b, numel, t),
         }
         self.kernels: dict[str, Callable[[], None]] = {
             f"{name}@{t}t": functools.partial(kernel, t)

@@ -223,92 +223,128 @@ WF_INLINE void select_word(uint64_t word, T kept, T pruned, T* __restrict out) {
   }
 }
 
-// The update of n (= 64 when kFull) consecutive elements, whose mask bits are `word`
-// (when kMask); the formula of reference.masked_sgd_step_, with torch.optim.SGD's
-// rounding (add(alpha=) as FMA). The elements run in two halves of 32, so that the bit
-// test of a pruned element is a shift of a 32-bit word in each 32-bit lane, which the
-// compiler turns into a vector compare and a masked multiply, all in registers.
+// fac[k] = bit k of `word` ? 1 : r.
+template <class T>
+WF_INLINE void expand_word(uint64_t word, T r, T* __restrict fac) {
+  select_word(word, T(1), r, fac);
+}
+
+// The update of n (= 64 when kFull) consecutive elements; the formula of
+// reference.masked_sgd_step_, with torch.optim.SGD's rounding (add(alpha=) as FMA).
+// fac[k] is the truncation factor of element k (when kMask).
 template <class Io, bool kFull, bool kScaled, bool kMask, bool kWd, int kMom, bool kNesterov>
 WF_INLINE void sgd_elements(typename Io::S* __restrict p, const typename Io::S* __restrict g,
-                            typename Io::S* __restrict b, uint64_t word,
+                            typename Io::S* __restrict b, const typename Io::T* __restrict fac,
                             const SgdConsts<typename Io::T>& c, int64_t n) {
   using T = typename Io::T;
   const int64_t m = kFull ? kWordBits : n;
-  for (int64_t half = 0; half < m; half += 32) {
-    const uint32_t bits = static_cast<uint32_t>(word >> half);
-    const int64_t len = kFull || m - half >= 32 ? 32 : m - half;
-    for (int64_t k = 0; k < len; ++k) {
-      const int64_t e = half + k;
-      T grad = Io::load(g[e]);
-      if constexpr (kScaled) {
-        grad = grad / c.grad_scale;
-      }
-      if constexpr (kMask) {
-        grad = ((bits >> k) & 1u) ? grad : grad * c.truncation;
-      }
-      grad = grad * c.sign;
-      T param = Io::load(p[e]);
-      if constexpr (kWd) {
-        grad = fmadd(param, c.weight_decay, grad);
-      }
-      if constexpr (kMom != kNoMomentum) {
-        T buf;
-        if constexpr (kMom == kFirstStep) {
-          buf = grad;
-        } else {
-          buf = fmadd(grad, c.one_minus_dampening, Io::load(b[e]) * c.momentum);
-        }
-        b[e] = Io::store(buf);
-        grad = kNesterov ? fmadd(buf, c.momentum, grad) : buf;
-      }
-      p[e] = Io::store(fmadd(grad, c.neg_lr, param));
+  for (int64_t k = 0; k < m; ++k) {
+    T grad = Io::load(g[k]);
+    if constexpr (kScaled) {
+      grad = grad / c.grad_scale;
     }
+    if constexpr (kMask) {
+      grad = grad * fac[k];
+    }
+    grad = grad * c.sign;
+    T param = Io::load(p[k]);
+    if constexpr (kWd) {
+      grad = fmadd(param, c.weight_decay, grad);
+    }
+    if constexpr (kMom != kNoMomentum) {
+      T buf;
+      if constexpr (kMom == kFirstStep) {
+        buf = grad;
+      } else {
+        buf = fmadd(grad, c.one_minus_dampening, Io::load(b[k]) * c.momentum);
+      }
+      b[k] = Io::store(buf);
+      grad = kNesterov ? fmadd(buf, c.momentum, grad) : buf;
+    }
+    p[k] = Io::store(fmadd(grad, c.neg_lr, param));
   }
 }
 
+#if WF_HAVE_AVX2
+// fp32 vectors of the explicit SGD loop below. `truncate` multiplies the lanes whose mask
+// bit (bits 0..kLanes-1 of `bits`) is clear by r.
 #if WF_HAVE_AVX512
-// Elements ahead of the loads that sgd_block_avx512 prefetches on each stream: with the
+struct F32x {
+  using V = __m512;
+  static constexpr int64_t kLanes = 16;
+  static WF_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static WF_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static WF_INLINE V set1(float x) { return _mm512_set1_ps(x); }
+  static WF_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static WF_INLINE V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static WF_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // One merge-masked multiply: the mask bits are the lane mask.
+  static WF_INLINE V truncate(V g, uint64_t bits, V r) {
+    return _mm512_mask_mul_ps(g, static_cast<__mmask16>(~bits), g, r);
+  }
+};
+#else
+struct F32x {
+  using V = __m256;
+  static constexpr int64_t kLanes = 8;
+  static WF_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static WF_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static WF_INLINE V set1(float x) { return _mm256_set1_ps(x); }
+  static WF_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static WF_INLINE V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static WF_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  // Lane k is kept when bit k is set: shifted to the sign bit of lane k, where blendv
+  // looks.
+  static WF_INLINE V truncate(V g, uint64_t bits, V r) {
+    const __m256i to_sign = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    const __m256i kept =
+        _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(bits & 0xFF)), to_sign);
+    return _mm256_blendv_ps(_mm256_mul_ps(g, r), g, _mm256_castsi256_ps(kept));
+  }
+};
+#endif
+
+// Elements ahead of the loads that sgd_block_simd prefetches on each stream: with the
 // hardware prefetcher alone a core keeps too few misses in flight (2-5 % faster here).
 constexpr int64_t kStreamPrefetch = 512;
 
-// sgd_elements for 64 fp32 elements, spelled out in AVX-512: each 16-bit quarter of the
-// mask word is the lane mask of a merge-masked multiply, so truncation costs one
-// instruction per 16 elements (the generic loop needs a shift and a compare more).
-// Same operations in the same order, so the same results.
-
+// sgd_elements for 64 fp32 elements in explicit vectors: the mask word's bits select the
+// truncated lanes directly (F32x::truncate) instead of a factor array written and read
+// back, which GCC's vectorized select needs. Same operations in the same order, so the
+// same results.
 template <bool kScaled, bool kMask, bool kWd, int kMom, bool kNesterov>
-WF_INLINE void sgd_block_avx512(float* __restrict p, const float* __restrict g,
-                                float* __restrict b, uint64_t word, const SgdConsts<float>& c) {
-  for (int64_t e = 0; e < kWordBits; e += 16) {
+WF_INLINE void sgd_block_simd(float* __restrict p, const float* __restrict g,
+                              float* __restrict b, uint64_t word, const SgdConsts<float>& c) {
+  using V = F32x::V;
+  for (int64_t e = 0; e < kWordBits; e += F32x::kLanes) {
     __builtin_prefetch(g + e + kStreamPrefetch);
     __builtin_prefetch(p + e + kStreamPrefetch, 1);
     if constexpr (kMom == kRunning) {
       __builtin_prefetch(b + e + kStreamPrefetch, 1);
     }
-    __m512 grad = _mm512_loadu_ps(g + e);
+    V grad = F32x::load(g + e);
     if constexpr (kScaled) {
-      grad = _mm512_div_ps(grad, _mm512_set1_ps(c.grad_scale));
+      grad = F32x::div(grad, F32x::set1(c.grad_scale));
     }
     if constexpr (kMask) {
-      const auto pruned = static_cast<__mmask16>(~(word >> e));
-      grad = _mm512_mask_mul_ps(grad, pruned, grad, _mm512_set1_ps(c.truncation));
+      grad = F32x::truncate(grad, word >> e, F32x::set1(c.truncation));
     }
-    grad = _mm512_mul_ps(grad, _mm512_set1_ps(c.sign));
-    const __m512 param = _mm512_loadu_ps(p + e);
+    grad = F32x::mul(grad, F32x::set1(c.sign));
+    const V param = F32x::load(p + e);
     if constexpr (kWd) {
-      grad = _mm512_fmadd_ps(param, _mm512_set1_ps(c.weight_decay), grad);
+      grad = F32x::fmadd(param, F32x::set1(c.weight_decay), grad);
     }
     if constexpr (kMom != kNoMomentum) {
-      const __m512 momentum = _mm512_set1_ps(c.momentum);
-      __m512 buf = grad;
+      const V momentum = F32x::set1(c.momentum);
+      V buf = grad;
       if constexpr (kMom == kRunning) {
-        buf = _mm512_fmadd_ps(grad, _mm512_set1_ps(c.one_minus_dampening),
-                              _mm512_mul_ps(_mm512_loadu_ps(b + e), momentum));
+        buf = F32x::fmadd(grad, F32x::set1(c.one_minus_dampening),
+                          F32x::mul(F32x::load(b + e), momentum));
       }
-      _mm512_storeu_ps(b + e, buf);
-      grad = kNesterov ? _mm512_fmadd_ps(buf, momentum, grad) : buf;
+      F32x::store(b + e, buf);
+      grad = kNesterov ? F32x::fmadd(buf, momentum, grad) : buf;
     }
-    _mm512_storeu_ps(p + e, _mm512_fmadd_ps(grad, _mm512_set1_ps(c.neg_lr), param));
+    F32x::store(p + e, F32x::fmadd(grad, F32x::set1(c.neg_lr), param));
   }
 }
 #endif
@@ -333,13 +369,17 @@ WF_INLINE void sgd_block(typename Io::S* __restrict p, const typename Io::S* __r
       Io::store_block(bs, b, m);
     }
   } else {
-#if WF_HAVE_AVX512
+#if WF_HAVE_AVX2
     if constexpr (kFull && sizeof(typename Io::S) == 4) {  // fp32 storage: FloatIo
-      sgd_block_avx512<kScaled, kMask, kWd, kMom, kNesterov>(p, g, b, word, c);
+      sgd_block_simd<kScaled, kMask, kWd, kMom, kNesterov>(p, g, b, word, c);
     } else
 #endif
     {
-      sgd_elements<Io, kFull, kScaled, kMask, kWd, kMom, kNesterov>(p, g, b, word, c, n);
+      T fac[kWordBits];
+      if constexpr (kMask) {
+        expand_word(word, c.truncation, fac);
+      }
+      sgd_elements<Io, kFull, kScaled, kMask, kWd, kMom, kNesterov>(p, g, b, fac, c, n);
     }
   }
 }
