@@ -8,11 +8,13 @@
 // This file includes nothing itself, so that the `#pragma GCC target` around it applies
 // to these loops and to nothing from the standard library or torch.
 //
-// The loops are plain C++ that GCC and Clang vectorize at -O3: every loop over the
+// Most loops are plain C++ that GCC and Clang vectorize at -O3: every loop over the
 // elements of a 64-bit mask word has a fixed trip count of 64, the truncation factor is
 // a branchless select `kept ? 1 : r` written into a small array first, and the SGD
 // variant (mask, weight decay, momentum mode, nesterov; for AdamW mask, weight decay,
-// amsgrad) is a template parameter, so the element loop holds no branch.
+// amsgrad) is a template parameter, so the element loop holds no branch. Two hot paths
+// are intrinsics where the compiler falls short: the fp32 SGD block (AVX2 / AVX-512,
+// mask bits as lane masks, prefetched streams) and the Hamming popcount.
 
 #if !defined(WF_ISA) || !defined(WF_ISA_NAME)
 #error "define WF_ISA and WF_ISA_NAME before including kernels_impl.h"
