@@ -46,11 +46,17 @@ def available() -> dict[str, BackendStatus]:
 
 def resolve(backend: str | None, device: torch.device) -> ModuleType:
     """The backend module to run on ``device``: ``backend`` or $WORM_FAST_BACKEND or auto."""
-    choice = backend or os.environ.get(ENV_VAR) or "auto"
+    return _resolve(backend or os.environ.get(ENV_VAR) or "auto", device.type)
+
+
+@functools.cache
+def _resolve(choice: str, device_type: str) -> ModuleType:
+    # Cached: every op call resolves, and after the forward and backward passes have
+    # swept the caches the import machinery's Python code costs ~0.1 ms to run cold.
     if choice == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+        for name in _AUTO_ORDER.get(device_type, ("reference",)):
             status = _status(name)
-            if status.available and _supports(status, device):
+            if status.available and _supports(status, device_type):
                 return _module(name)
         raise AssertionError("the reference backend always runs")  # pragma: no cover
     if choice not in NAMES:
@@ -58,12 +64,12 @@ def resolve(backend: str | None, device: torch.device) -> ModuleType:
     status = _status(choice)
     if not status.available:
         raise RuntimeError(f"backend {choice!r} is not available: {status.reason}")
-    if not _supports(status, device):
+    if not _supports(status, device_type):
         raise RuntimeError(
-            f"backend {choice!r} runs on {status.device_types} tensors, got {device.type}"
+            f"backend {choice!r} runs on {status.device_types} tensors, got {device_type}"
         )
     return _module(choice)
 
 
-def _supports(status: BackendStatus, device: torch.device) -> bool:
-    return status.device_types is None or device.type in status.device_types
+def _supports(status: BackendStatus, device_type: str) -> bool:
+    return status.device_types is None or device_type in status.device_types
