@@ -33,18 +33,21 @@ def synthetic_examples():
     return [dict(input_ids=ids[i], attention_mask=mask, labels=labels[i]) for i in range(EXAMPLES)]
 
 
-def train(tmp_path, callback, *, epochs=4, lr=1e-3, worm_optimizer=True):
+def train(
+    tmp_path, callback, *, epochs=4, lr=1e-3, worm_optimizer=True, save_strategy="no",
+    resume_from=None,
+):  # fmt: skip
     args = transformers.TrainingArguments(
         str(tmp_path / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=BATCH,
-        learning_rate=lr, report_to="none", save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, use_cpu=True, seed=0,
+        learning_rate=lr, report_to="none", save_strategy=save_strategy,
+        logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
     )  # fmt: skip
     model = tiny_bert()
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=synthetic_examples(), callbacks=[callback],
         optimizer_cls_and_kwargs=worm_adamw(args) if worm_optimizer else None,
     )  # fmt: skip
-    trainer.train()
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     return trainer, model
 
 
@@ -103,3 +106,36 @@ def test_truncating_modes_need_a_worm_optimizer(tmp_path):
         train(tmp_path, WormCallback(mode="worm"), epochs=1, worm_optimizer=False)
     with pytest.raises(ValueError, match="check_every_steps must be a positive int"):
         WormCallback(check_every_steps=0)
+
+
+def test_search_resumes_from_a_trainer_checkpoint_exactly(tmp_path):
+    def callback():
+        return WormCallback(mode="worm", stop_distance=1e-9, window=2, trigger_margin=1.0)
+
+    uninterrupted = callback()
+    train(tmp_path / "a", uninterrupted, epochs=4)
+
+    first = callback()
+    train(tmp_path / "b", first, epochs=4, save_strategy="epoch")
+    checkpoint = tmp_path / "b" / "trainer" / "checkpoint-12"  # after epoch 2
+    assert (checkpoint / "worm_search.pt").is_file()
+
+    resumed = callback()
+    trainer, _ = train(tmp_path / "b", resumed, epochs=4, resume_from=checkpoint)
+    assert resumed.search.triggered_at is not None  # truncation was on when saved
+    optimizer = trainer.optimizer.optimizer
+    assert optimizer.truncation == pytest.approx(resumed.search.r)
+    assert [c["global_step"] for c in resumed.checks] == [6, 12, 18, 24]
+    for got, expected in zip(resumed.checks, uninterrupted.checks, strict=True):
+        assert got == pytest.approx(expected)
+
+
+def test_resuming_a_checkpoint_without_search_state_starts_afresh(tmp_path, caplog):
+    train(tmp_path, WormCallback(mode="eb", stop_distance=1e-9), epochs=1, save_strategy="epoch")
+    checkpoint = tmp_path / "trainer" / "checkpoint-6"
+    (checkpoint / "worm_search.pt").unlink()
+    resumed = WormCallback(mode="eb", stop_distance=1e-9)
+    with caplog.at_level("WARNING"):
+        train(tmp_path, resumed, epochs=2, resume_from=checkpoint)
+    assert "starts afresh" in caplog.text
+    assert [c["global_step"] for c in resumed.checks] == [12]

@@ -18,8 +18,14 @@ end (or every ``check_every_steps`` optimizer steps), and stops training once th
 converges. Search settings default to the paper's for transformers (stop distance 0.01,
 window 3, trigger margin 0.005, r = 3e-3, prune ratio 0.5, query and key weights as
 representative layers). Modes ``worm`` and ``truncate`` need a WormAdamW (or WormSGD);
-``eb`` works with any optimizer. A search does not survive ``resume_from_checkpoint``:
-it starts afresh.
+``eb`` works with any optimizer.
+
+The search survives ``trainer.train(resume_from_checkpoint=...)``: every checkpoint the
+Trainer writes under ``args.output_dir`` also holds the search's state
+(``worm_search.pt``: its window of masks, r, trigger and every check), and a run resumed
+from that checkpoint continues the search exactly where it was. A checkpoint without it
+(written without the callback, or resumed from outside ``output_dir``) starts a fresh
+search, with a warning.
 
 Files in ``save_dir``: ``search.json`` (settings and every check, rewritten after each)
 and ``ticket.pt`` once the ticket converges; a search that ends without converging saves
@@ -34,12 +40,15 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from worm_fast.optim import WormAdamW
 from worm_fast.representative import PAPER_SEARCH_SETTINGS
 from worm_fast.search import EarlyBirdSearch, Ticket
 
 logger = logging.getLogger(__name__)
+
+SEARCH_STATE = "worm_search.pt"  # in each Trainer checkpoint folder
 
 
 def worm_adamw(args: TrainingArguments, **overrides) -> tuple[type, dict]:
@@ -112,6 +121,8 @@ class WormCallback(TrainerCallback):
             )
         self.search = EarlyBirdSearch(model, optimizer, **self.search_kwargs)
         self.checks = []
+        if state.global_step > 0:  # resumed from a checkpoint
+            self._resume(args, state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.check_every_steps is not None and state.global_step % self.check_every_steps == 0:
@@ -121,12 +132,35 @@ class WormCallback(TrainerCallback):
         if self.check_every_steps is None:
             self._check(state, control)
 
+    def on_save(self, args, state, control, **kwargs):
+        # Called right after the Trainer wrote checkpoint-<global_step>.
+        folder = _checkpoint_folder(args, state)
+        if self.search is None or not state.is_world_process_zero or not folder.is_dir():
+            return
+        payload = {"search": self.search.state_dict(), "checks": self.checks}
+        _atomic_save(folder / SEARCH_STATE, lambda file: torch.save(payload, file))
+
     def on_train_end(self, args, state, control, **kwargs):
         search = self.search
         if search is not None and not search.converged and search.records:
             self._save_ticket(search.candidate(), "candidate.pt", converged=False)
 
     # -- the search -------------------------------------------------------------------
+
+    def _resume(self, args, state, control) -> None:
+        path = _checkpoint_folder(args, state) / SEARCH_STATE
+        if not path.is_file():
+            logger.warning(
+                "Resumed at step %d without %s: the Early-Bird search starts afresh",
+                state.global_step, path,
+            )  # fmt: skip
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.search.load_state_dict(saved["search"])  # hands masks and r to the optimizer
+        self.checks = saved["checks"]
+        logger.info("Early-Bird search resumed from %s after %d checks", path, len(self.checks))
+        if self.search.converged:  # the run was saved after its ticket converged
+            control.should_training_stop = True
 
     def _check(self, state, control) -> None:
         if self.search is None or self.search.converged:
@@ -173,6 +207,10 @@ class WormCallback(TrainerCallback):
             "shapes": {key: list(shape) for key, shape in ticket.shapes.items()},
         }
         _atomic_save(self.save_dir / name, lambda f: torch.save(payload, f))
+
+
+def _checkpoint_folder(args: TrainingArguments, state) -> Path:
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
 
 def _atomic_save(path: Path, write) -> None:
