@@ -211,4 +211,24 @@ void check_hamming_window_args(const at::Tensor& current, const at::Tensor& wind
               current.device(), ", window on ", window.device());
 }
 
+const void* contiguous_data(const at::Tensor& t, std::vector<at::Tensor>& keep_alive) {
+  if (t.is_contiguous()) {
+    return t.const_data_ptr();
+  }
+  keep_alive.push_back(t.contiguous());
+  return keep_alive.back().const_data_ptr();
+}
+
+const uint8_t* mask_data(const c10::List<std::optional<at::Tensor>>& masks, size_t i,
+                         std::vector<at::Tensor>& keep_alive) {
+  if (masks.empty()) {
+    return nullptr;
+  }
+  const std::optional<at::Tensor> m = masks.get(i);
+  if (!m.has_value() || !m->defined()) {
+    return nullptr;
+  }
+  return static_cast<const uint8_t*>(contiguous_data(*m, keep_alive));
+}
+
 }  // namespace worm_fast

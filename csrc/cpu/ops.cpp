@@ -160,6 +160,31 @@ struct WorkItem {
   int64_t end;
 };
 
+// Appends the work items of tensor `index`: its `numel` elements, `chunk` per item.
+void add_work_items(std::vector<WorkItem>& items, int64_t index, int64_t numel, int64_t chunk) {
+  for (int64_t begin = 0; begin < numel; begin += chunk) {
+    items.push_back({index, begin, std::min(numel, begin + chunk)});
+  }
+}
+
+// Calls range(item) for every item: on this thread when the step has fewer than
+// `serial_below` elements in all, else with the items split evenly across torch's threads.
+template <class Range>
+void run_work_items(const std::vector<WorkItem>& items, int64_t total, int64_t serial_below,
+                    const Range& range) {
+  const auto run = [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      range(items[j]);
+    }
+  };
+  const auto count = static_cast<int64_t>(items.size());
+  if (total < serial_below) {
+    run(0, count);
+  } else {
+    at::parallel_for(0, count, 1, run);
+  }
+}
+
 void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
                          at::TensorList momentum_buffers,
                          const c10::List<std::optional<at::Tensor>>& masks, double lr,
@@ -202,63 +227,17 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
     if (numel == 0) {
       continue;
     }
-    at::Tensor g = grads[i];
-    if (!g.is_contiguous()) {
-      g = g.contiguous();
-      keep_alive.push_back(g);
-    }
-    const uint8_t* mask = nullptr;
-    if (!masks.empty()) {
-      std::optional<at::Tensor> m = masks.get(i);
-      if (m.has_value() && m->defined()) {
-        if (!m->is_contiguous()) {
-          keep_alive.push_back(m->contiguous());
-          m = keep_alive.back();
-        }
-        mask = m->const_data_ptr<uint8_t>();
-      }
-    }
     void* buf = momentum != 0.0 ? momentum_buffers[i].data_ptr() : nullptr;
-    const auto index = static_cast<int64_t>(tensors.size());
-    tensors.push_back({p.data_ptr(), g.const_data_ptr(), buf, mask, numel,
-                       kind_of(p.scalar_type())});
-    for (int64_t begin = 0; begin < numel; begin += kSgdChunk) {
-      items.push_back({index, begin, std::min(numel, begin + kSgdChunk)});
-    }
+    add_work_items(items, static_cast<int64_t>(tensors.size()), numel, kSgdChunk);
+    tensors.push_back({p.data_ptr(), contiguous_data(grads[i], keep_alive), buf,
+                       mask_data(masks, i, keep_alive), numel, kind_of(p.scalar_type())});
     total += numel;
   }
 
   const KernelTable& k = selected_kernels();
-  const auto run = [&](int64_t first, int64_t last) {
-    for (int64_t j = first; j < last; ++j) {
-      const WorkItem& item = items[j];
-      k.sgd_range(tensors[item.tensor], config, item.begin, item.end);
-    }
-  };
-  const auto count = static_cast<int64_t>(items.size());
-  if (total < kSgdSerialBelow) {
-    run(0, count);
-  } else {
-    at::parallel_for(0, count, 1, run);
-  }
-}
-
-// The mask of params[i] as a contiguous byte pointer (null when it has none); a strided
-// mask is copied into `keep_alive`.
-const uint8_t* mask_pointer(const c10::List<std::optional<at::Tensor>>& masks, size_t i,
-                            std::vector<at::Tensor>& keep_alive) {
-  if (masks.empty()) {
-    return nullptr;
-  }
-  std::optional<at::Tensor> m = masks.get(i);
-  if (!m.has_value() || !m->defined()) {
-    return nullptr;
-  }
-  if (!m->is_contiguous()) {
-    keep_alive.push_back(m->contiguous());
-    return keep_alive.back().const_data_ptr<uint8_t>();
-  }
-  return m->const_data_ptr<uint8_t>();
+  run_work_items(items, total, kSgdSerialBelow, [&](const WorkItem& item) {
+    k.sgd_range(tensors[item.tensor], config, item.begin, item.end);
+  });
 }
 
 void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -311,76 +290,33 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     if (numel == 0) {
       continue;
     }
-    at::Tensor g = grads[i];
-    if (!g.is_contiguous()) {
-      g = g.contiguous();
-      keep_alive.push_back(g);
-    }
     const double t = new_steps[i];
     const double bias_correction1 = 1.0 - std::pow(beta1, t);
     const double bias_correction2 = 1.0 - std::pow(beta2, t);
-    const auto index = static_cast<int64_t>(tensors.size());
-    tensors.push_back({p.data_ptr(), g.const_data_ptr(), exp_avgs[i].data_ptr(),
-                       exp_avg_sqs[i].data_ptr(),
+    add_work_items(items, static_cast<int64_t>(tensors.size()), numel, kAdamChunk);
+    tensors.push_back({p.data_ptr(), contiguous_data(grads[i], keep_alive),
+                       exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
                        amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
-                       mask_pointer(masks, i, keep_alive), numel, kind_of(p.scalar_type()),
+                       mask_data(masks, i, keep_alive), numel, kind_of(p.scalar_type()),
                        config.lr / bias_correction1, std::sqrt(bias_correction2)});
-    for (int64_t begin = 0; begin < numel; begin += kAdamChunk) {
-      items.push_back({index, begin, std::min(numel, begin + kAdamChunk)});
-    }
     total += numel;
   }
 
   const KernelTable& k = selected_kernels();
-  const auto run = [&](int64_t first, int64_t last) {
-    for (int64_t j = first; j < last; ++j) {
-      const WorkItem& item = items[j];
-      k.adamw_range(tensors[item.tensor], config, item.begin, item.end);
-    }
-  };
-  const auto count = static_cast<int64_t>(items.size());
-  if (total < kAdamSerialBelow) {
-    run(0, count);
-  } else {
-    at::parallel_for(0, count, 1, run);
-  }
+  run_work_items(items, total, kAdamSerialBelow, [&](const WorkItem& item) {
+    k.adamw_range(tensors[item.tensor], config, item.begin, item.end);
+  });
   for (size_t i = 0; i < n; ++i) {
     *steps[i] = new_steps[i];
   }
-}
-
-// A sparse tensor among the arguments dispatches here rather than to the CPU kernel (or
-// to the reference, which would fail with an unrelated message).
-void masked_sgd_step_sparse_cpu(at::TensorList params, at::TensorList grads,
-                                at::TensorList momentum_buffers,
-                                const c10::List<std::optional<at::Tensor>>& masks, double,
-                                double, double momentum, double, bool, bool, bool, double,
-                                const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&) {
-  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, c10::DeviceType::CPU);
-  TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
-}
-
-void masked_adamw_step_sparse_cpu(at::TensorList params, at::TensorList grads,
-                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                  at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                                  const c10::List<std::optional<at::Tensor>>& masks, double,
-                                  double, double, double, double, bool amsgrad, bool, double,
-                                  const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&) {
-  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          masks, amsgrad, c10::DeviceType::CPU);
-  TORCH_CHECK(false, "worm_fast.masked_adamw_step_: sparse tensors are not supported");
 }
 
 }  // namespace
 }  // namespace worm_fast::cpu
 
 TORCH_LIBRARY_IMPL(worm_fast, SparseCPU, m) {
-  m.impl("masked_sgd_step_", &worm_fast::cpu::masked_sgd_step_sparse_cpu);
-  m.impl("masked_adamw_step_", &worm_fast::cpu::masked_adamw_step_sparse_cpu);
+  m.impl("masked_sgd_step_", &worm_fast::masked_sgd_step_sparse<c10::DeviceType::CPU>);
+  m.impl("masked_adamw_step_", &worm_fast::masked_adamw_step_sparse<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(worm_fast, CPU, m) {

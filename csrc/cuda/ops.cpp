@@ -137,21 +137,10 @@ void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
       if (params[i].scalar_type() != dtype || params[i].numel() == 0) {
         continue;
       }
-      at::Tensor g = grads[i];
-      if (!g.is_contiguous()) {
-        keep.push_back(g.contiguous());
-        g = keep.back();
-      }
-      const uint8_t* mask = nullptr;
-      if (!masks.empty()) {
-        const std::optional<at::Tensor> m = masks.get(i);
-        if (m.has_value() && m->defined()) {
-          keep.push_back(m->contiguous());
-          mask = keep.back().const_data_ptr<uint8_t>();
-        }
-      }
+      const void* grad = contiguous_data(grads[i], keep);
+      const uint8_t* mask = mask_data(masks, i, keep);
       void* buf = momentum != 0.0 ? momentum_buffers[i].data_ptr() : nullptr;
-      tensors.push_back({params[i].data_ptr(), g.const_data_ptr(), buf, mask, params[i].numel()});
+      tensors.push_back({params[i].data_ptr(), grad, buf, mask, params[i].numel()});
     }
     if (tensors.empty()) {
       continue;
@@ -202,20 +191,9 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
       if (params[i].scalar_type() != dtype) {
         continue;
       }
-      at::Tensor g = grads[i];
-      if (!g.is_contiguous()) {
-        keep.push_back(g.contiguous());
-        g = keep.back();
-      }
-      const uint8_t* mask = nullptr;
-      if (!masks.empty()) {
-        const std::optional<at::Tensor> m = masks.get(i);
-        if (m.has_value() && m->defined()) {
-          keep.push_back(m->contiguous());
-          mask = keep.back().const_data_ptr<uint8_t>();
-        }
-      }
-      tensors.push_back({params[i].data_ptr(), g.const_data_ptr(), exp_avgs[i].data_ptr(),
+      const void* grad = contiguous_data(grads[i], keep);
+      const uint8_t* mask = mask_data(masks, i, keep);
+      tensors.push_back({params[i].data_ptr(), grad, exp_avgs[i].data_ptr(),
                          exp_avg_sqs[i].data_ptr(),
                          amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr, mask,
                          state_steps[i].data_ptr<float>(), params[i].numel()});
@@ -233,32 +211,6 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
   }
 }
 
-// Sparse gradients dispatch here (SparseCUDA) and get the same clear error as on the CPU.
-void masked_sgd_step_sparse_cuda(at::TensorList params, at::TensorList grads,
-                                 at::TensorList momentum_buffers,
-                                 const c10::List<std::optional<at::Tensor>>& masks, double,
-                                 double, double momentum, double, bool, bool, bool, double,
-                                 const std::optional<at::Tensor>&,
-                                 const std::optional<at::Tensor>&,
-                                 const std::optional<at::Tensor>&) {
-  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum,
-                        c10::DeviceType::CUDA);
-  TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
-}
-
-void masked_adamw_step_sparse_cuda(at::TensorList params, at::TensorList grads,
-                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                   at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                                   const c10::List<std::optional<at::Tensor>>& masks, double,
-                                   double, double, double, double, bool amsgrad, bool, double,
-                                   const std::optional<at::Tensor>&,
-                                   const std::optional<at::Tensor>&,
-                                   const std::optional<at::Tensor>&) {
-  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          masks, amsgrad, c10::DeviceType::CUDA);
-  TORCH_CHECK(false, "worm_fast.masked_adamw_step_: sparse tensors are not supported");
-}
-
 }  // namespace
 }  // namespace worm_fast::cuda
 
@@ -271,6 +223,6 @@ TORCH_LIBRARY_IMPL(worm_fast, CUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(worm_fast, SparseCUDA, m) {
-  m.impl("masked_sgd_step_", &worm_fast::cuda::masked_sgd_step_sparse_cuda);
-  m.impl("masked_adamw_step_", &worm_fast::cuda::masked_adamw_step_sparse_cuda);
+  m.impl("masked_sgd_step_", &worm_fast::masked_sgd_step_sparse<c10::DeviceType::CUDA>);
+  m.impl("masked_adamw_step_", &worm_fast::masked_adamw_step_sparse<c10::DeviceType::CUDA>);
 }

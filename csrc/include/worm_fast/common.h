@@ -1,6 +1,7 @@
-// Shared by the CPU and CUDA registrations: the packed-mask layout and the argument
-// checks of every op, so both backends reject bad input with the same message (naming
-// the argument and what was expected) before they touch anything.
+// Shared by the CPU and CUDA registrations: the packed-mask layout, the argument checks
+// of every op (so both backends reject bad input with the same message, naming the
+// argument and what was expected, before they touch anything), the staging of strided
+// gradients and masks, and the kernels that refuse sparse tensors.
 //
 // The op schemas themselves live in worm_fast/_ops.py; csrc/ only registers kernels with
 // TORCH_LIBRARY_IMPL(worm_fast, <key>, m).
@@ -10,8 +11,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace worm_fast {
 
@@ -48,6 +52,42 @@ void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
 // element, on the parameters' device or the CPU.
 void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
                          const at::Tensor& like, const char* op);
+
+// The data of `t` in contiguous memory: its own, or that of a contiguous copy kept alive
+// in `keep_alive` (for gradients and masks, which may have any strides).
+const void* contiguous_data(const at::Tensor& t, std::vector<at::Tensor>& keep_alive);
+
+// The packed mask of params[i] as contiguous bytes, or null when it has none.
+const uint8_t* mask_data(const c10::List<std::optional<at::Tensor>>& masks, size_t i,
+                         std::vector<at::Tensor>& keep_alive);
+
+// The kernels for a sparse tensor among the arguments (SparseCPU, SparseCUDA): the
+// argument checks first, so sparse inputs get the same errors on every device, then a
+// clear refusal instead of a fall-through to the reference kernel.
+template <c10::DeviceType kDevice>
+void masked_sgd_step_sparse(at::TensorList params, at::TensorList grads,
+                            at::TensorList momentum_buffers,
+                            const c10::List<std::optional<at::Tensor>>& masks, double, double,
+                            double momentum, double, bool, bool, bool, double,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&) {
+  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, kDevice);
+  TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
+}
+
+template <c10::DeviceType kDevice>
+void masked_adamw_step_sparse(at::TensorList params, at::TensorList grads,
+                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                              at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                              const c10::List<std::optional<at::Tensor>>& masks, double, double,
+                              double, double, double, bool amsgrad, bool, double,
+                              const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&) {
+  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          masks, amsgrad, kDevice);
+  TORCH_CHECK(false, "worm_fast.masked_adamw_step_: sparse tensors are not supported");
+}
 
 void check_pack_mask_args(const at::Tensor& values, const at::Tensor& threshold);
 void check_unpack_mask_args(const at::Tensor& packed, int64_t numel);
