@@ -710,6 +710,9 @@ def test_masked_adamw_step_matches_torch_adamw(dtype, hp):
             lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, truncation=1.0, **hp,
         )  # fmt: skip
     bitwise = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    # Our kernels take IEEE square roots; torch's CPU sqrt is IEEE-exact on some machines
+    # only (MKL's vsSqrt is not on AMD CPUs), so parameters agree bit for bit only there.
+    params_bitwise = bitwise and _torch_sqrt_is_correctly_rounded()
     keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
     differing = 0
     for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -720,7 +723,13 @@ def test_masked_adamw_step_matches_torch_adamw(dtype, hp):
             assert not bitwise or torch.equal(states[k][i], state[key]), f"{key}[{i}]"
         assert steps[i].item() == state["step"].item() == 5.0
         differing += (a != b.detach()).sum().item()
-    assert not bitwise or differing <= 0.005 * sum(sizes), differing
+    assert not params_bitwise or differing <= 0.005 * sum(sizes), differing
+
+
+def _torch_sqrt_is_correctly_rounded() -> bool:
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    exact = x.double().sqrt().float()  # double rounding is exact for sqrt of floats
+    return torch.equal(x.sqrt(), exact)
 
 
 def test_masked_adamw_step_rejects_bad_input_without_touching_anything():
