@@ -9,13 +9,13 @@ import math
 
 import torch
 
-from worm_fast.models import resnet18
+from worm_fast.experiments.models import resnet18
 
 Shapes = list[tuple[str, tuple[int, ...]]]
 
 
 def resnet18_cifar() -> Shapes:
-    """CIFAR-style ResNet-18 (10 classes), as ``worm_fast.models.resnet18`` builds it."""
+    """CIFAR-style ResNet-18 (10 classes), as ``experiments.models.resnet18`` builds it."""
     with torch.device("meta"):
         model = resnet18(num_classes=10)
     return [(name, tuple(p.shape)) for name, p in model.named_parameters()]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from worm_fast.models import build_model
+from worm_fast.experiments.models import build_model
 from worm_fast.prune import apply_unstructured, prune_channels, zero_pruned_channels
 
 CASES = [("resnet20", 0.5), ("resnet18", 0.125), ("vgg11", 0.125)]

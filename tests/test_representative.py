@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from worm_fast import WormAdamW
-from worm_fast.representative import PAPER_SEARCH_SETTINGS, select
+from worm_fast.presets import PAPER_TRANSFORMER
+from worm_fast.representative import select
 from worm_fast.search import EarlyBirdSearch
 
 transformers = pytest.importorskip("transformers")
@@ -27,7 +28,7 @@ def tiny_decoder(family: str) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from worm_fast.models import load_classifier
+    from worm_fast.experiments.models import load_classifier
 
     try:
         return load_classifier(num_labels=2, pad_token_id=0)
@@ -116,7 +117,7 @@ def test_no_attention_error_says_what_was_looked_for():
 def test_search_over_a_decoder_with_paper_transformer_settings(scope):
     model = tiny_decoder("Gemma")
     optimizer = WormAdamW(model.parameters(), lr=1e-3)
-    settings = dict(PAPER_SEARCH_SETTINGS["transformer"], mode="truncate", scope=scope)
+    settings = dict(PAPER_TRANSFORMER.kwargs(), mode="truncate", scope=scope)
     search = EarlyBirdSearch(model, optimizer, **settings)
     assert settings["stop_distance"] == 0.01 and settings["window"] == 3
     record = search.check()

@@ -13,8 +13,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from worm_fast import backends, report
-from worm_fast.data import DATASETS, TEXT_TASKS, DatasetNotFoundError
+from worm_fast import backends
+from worm_fast.experiments import report
 from worm_fast.experiments.config import (
     CNN_DEFAULTS,
     OPTIMIZERS,
@@ -22,6 +22,8 @@ from worm_fast.experiments.config import (
     TEXT_DEFAULTS,
     RunConfig,
 )
+from worm_fast.experiments.data import DATASETS, TEXT_TASKS, DatasetNotFoundError
+from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, ModelNotFoundError
 from worm_fast.experiments.variants import (
     TABLE_I_TRUNCATIONS,
     compare_variants,
@@ -30,7 +32,6 @@ from worm_fast.experiments.variants import (
     value_masking_variants,
 )
 from worm_fast.masks import SCOPES
-from worm_fast.models import EMBEDDED_MODEL, MODELS, ModelNotFoundError
 from worm_fast.representative import PRESETS
 from worm_fast.search import MODES
 

@@ -22,15 +22,6 @@ PRESETS = ("batchnorm", "attention", "attention_qkv")
 _QK_NAMES = ("query", "key", "q_proj", "k_proj", "q", "k")
 _V_NAMES = ("value", "v_proj", "v")
 
-# The paper tunes the search per kind of model (Sections V and VI): a pretrained
-# transformer's masks move far less while fine-tuning, so it stops at a smaller distance.
-PAPER_SEARCH_SETTINGS = {
-    "cnn": dict(stop_distance=0.1, window=5, trigger_margin=0.05, truncation=3e-3,
-                prune_ratio=0.5, representative="batchnorm"),
-    "transformer": dict(stop_distance=0.01, window=3, trigger_margin=0.005, truncation=3e-3,
-                        prune_ratio=0.5, representative="attention"),
-}  # fmt: skip
-
 
 def batchnorm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {

@@ -17,6 +17,7 @@ from torch import nn
 
 from worm_fast import masks as mask_ops
 from worm_fast import ops
+from worm_fast.presets import PAPER_CNN
 from worm_fast.representative import select as select_representative
 
 MODES = ("eb", "truncate", "worm")
@@ -75,6 +76,9 @@ class EarlyBirdSearch:
         scope: one threshold over all representative parameters (``global``, as the
             original Early-Bird code) or one per tensor (``per_tensor``).
         representative: preset or name patterns, see :mod:`worm_fast.representative`.
+
+    The defaults are the paper's CNN settings (:data:`worm_fast.presets.PAPER_CNN`);
+    ``EarlyBirdSearch(model, opt, **PAPER_TRANSFORMER.kwargs())`` gives its BERT ones.
     """
 
     def __init__(
@@ -83,13 +87,13 @@ class EarlyBirdSearch:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         mode: str = "worm",
-        prune_ratio: float = 0.5,
-        stop_distance: float = 0.1,
-        window: int = 5,
-        trigger_margin: float = 0.05,
-        truncation: float = 3e-3,
+        prune_ratio: float = PAPER_CNN.prune_ratio,
+        stop_distance: float = PAPER_CNN.stop_distance,
+        window: int = PAPER_CNN.window,
+        trigger_margin: float = PAPER_CNN.trigger_margin,
+        truncation: float = PAPER_CNN.truncation,
         scope: str = "global",
-        representative: str | Iterable[str] = "batchnorm",
+        representative: str | Iterable[str] = PAPER_CNN.representative,
         backend: str | None = None,
     ) -> None:
         if mode not in MODES:

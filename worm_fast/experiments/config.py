@@ -9,10 +9,10 @@ transformers (Section VI), and training settings that make the embedded demos ru
 
 from dataclasses import dataclass
 
-from worm_fast.data import DATASETS, TEXT_TASKS
-from worm_fast.models import EMBEDDED_MODEL, MODELS
-from worm_fast.models.text import model_name
-from worm_fast.representative import PAPER_SEARCH_SETTINGS
+from worm_fast.experiments.data import DATASETS, TEXT_TASKS
+from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS
+from worm_fast.experiments.models.text import model_name
+from worm_fast.presets import PAPER_CNN, PAPER_TRANSFORMER
 
 PRUNE_METHODS = ("unstructured", "structured")
 OPTIMIZERS = ("sgd", "adamw")
@@ -27,7 +27,7 @@ CNN_DEFAULTS = dict(
     weight_decay=1e-4,
     max_epochs=30,
     retrain_epochs=5,
-    **{key: PAPER_SEARCH_SETTINGS["cnn"][key] for key in _SEARCH_KEYS},
+    **{key: PAPER_CNN.kwargs()[key] for key in _SEARCH_KEYS},
 )
 # Fine-tuning: AdamW at a constant small learning rate. 5e-5 rather than BERT's usual
 # 2e-5: MiniLM is small and a CPU demo sees few steps. One retrain epoch, as the
@@ -39,7 +39,7 @@ TEXT_DEFAULTS = dict(
     weight_decay=0.01,
     max_epochs=10,
     retrain_epochs=1,
-    **{key: PAPER_SEARCH_SETTINGS["transformer"][key] for key in _SEARCH_KEYS},
+    **{key: PAPER_TRANSFORMER.kwargs()[key] for key in _SEARCH_KEYS},
 )
 
 

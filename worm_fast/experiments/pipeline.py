@@ -17,6 +17,7 @@ import torch
 
 from worm_fast import prune
 from worm_fast.experiments.config import RunConfig
+from worm_fast.experiments.train import evaluate, train_epoch
 from worm_fast.experiments.workloads import Workload, build_workload, make_optimizer
 from worm_fast.profiling import (
     PhaseProfiler,
@@ -26,7 +27,6 @@ from worm_fast.profiling import (
     optimizer_step_cost,
 )
 from worm_fast.search import EarlyBirdSearch
-from worm_fast.train import evaluate, train_epoch
 
 __all__ = ["RunConfig", "RunResult", "run"]
 

@@ -12,11 +12,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from worm_fast.data import TokenizedText, load_dataset, load_text_task, make_loader, random_subset
 from worm_fast.experiments.config import RunConfig
-from worm_fast.models import build_model, load_classifier, load_tokenizer
+from worm_fast.experiments.data import (
+    TokenizedText,
+    load_dataset,
+    load_text_task,
+    make_loader,
+    random_subset,
+)
+from worm_fast.experiments.models import build_model, load_classifier, load_tokenizer
+from worm_fast.experiments.train import Forward, classify_images, classify_tokens
 from worm_fast.optim import TruncatingOptimizer, WormAdamW, WormSGD
-from worm_fast.train import Forward, classify_images, classify_tokens
 
 IMAGE_EVAL_BATCH_SIZE = 512
 # Evaluation pads each batch to its longest sequence: small batches waste less on padding.

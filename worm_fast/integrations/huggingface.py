@@ -42,8 +42,9 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from worm_fast.files import atomic_write, atomic_write_text
 from worm_fast.optim import WormAdamW
-from worm_fast.representative import PAPER_SEARCH_SETTINGS
+from worm_fast.presets import PAPER_TRANSFORMER
 from worm_fast.search import EarlyBirdSearch, Ticket
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class WormCallback(TrainerCallback):
             )
         self.check_every_steps = check_every_steps
         self.save_dir = None if save_dir is None else Path(save_dir)
-        self.search_kwargs = {**PAPER_SEARCH_SETTINGS["transformer"], **search_kwargs}
+        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), **search_kwargs}
         self.search: EarlyBirdSearch | None = None
         self.checks: list[dict] = []  # every check's record, with the Trainer's step
 
@@ -138,7 +139,7 @@ class WormCallback(TrainerCallback):
         if self.search is None or not state.is_world_process_zero or not folder.is_dir():
             return
         payload = {"search": self.search.state_dict(), "checks": self.checks}
-        _atomic_save(folder / SEARCH_STATE, lambda file: torch.save(payload, file))
+        atomic_write(folder / SEARCH_STATE, lambda file: torch.save(payload, file))
 
     def on_train_end(self, args, state, control, **kwargs):
         search = self.search
@@ -189,8 +190,7 @@ class WormCallback(TrainerCallback):
             "checks": self.checks,
         }
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(document, indent=1).encode()
-        _atomic_save(self.save_dir / "search.json", lambda file: file.write(text))
+        atomic_write_text(self.save_dir / "search.json", json.dumps(document, indent=1))
 
     def _representative(self):
         representative = self.search_kwargs["representative"]
@@ -206,19 +206,11 @@ class WormCallback(TrainerCallback):
             "packed": {key: mask.cpu() for key, mask in ticket.packed.items()},
             "shapes": {key: list(shape) for key, shape in ticket.shapes.items()},
         }
-        _atomic_save(self.save_dir / name, lambda f: torch.save(payload, f))
+        atomic_write(self.save_dir / name, lambda f: torch.save(payload, f))
 
 
 def _checkpoint_folder(args: TrainingArguments, state) -> Path:
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-
-
-def _atomic_save(path: Path, write) -> None:
-    """Write through a temporary file, so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as file:
-        write(file)
-    os.replace(temporary, path)
 
 
 def load_ticket(path: str | os.PathLike) -> Ticket:

@@ -17,6 +17,7 @@ import matplotlib
 import torch
 
 from worm_fast import __version__, backends
+from worm_fast.files import atomic_write, atomic_write_text
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt
@@ -70,12 +71,6 @@ def environment() -> dict:
             for name, status in backends.available().items()
         },
     }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _format(value, key: str) -> str:
@@ -215,11 +210,11 @@ def write_results(out_dir: str | os.PathLike, document: dict) -> dict[str, Path]
         if row is not None
     ]
     phase_columns = dict.fromkeys(k for row in phase_rows for k in row)
-    _atomic_write(paths["results.json"], json.dumps(document, indent=1, default=str))
-    _atomic_write(paths["epochs.csv"], _csv_text(epoch_rows, ROW_COLUMNS))
-    _atomic_write(paths["runs.csv"], _csv_text(run_rows, metric_columns))
-    _atomic_write(paths["phases.csv"], _csv_text(phase_rows, phase_columns))
-    _atomic_write(paths["table.md"], paper_table(document) + "\n" + profile_table(document))
+    atomic_write_text(paths["results.json"], json.dumps(document, indent=1, default=str))
+    atomic_write_text(paths["epochs.csv"], _csv_text(epoch_rows, ROW_COLUMNS))
+    atomic_write_text(paths["runs.csv"], _csv_text(run_rows, metric_columns))
+    atomic_write_text(paths["phases.csv"], _csv_text(phase_rows, phase_columns))
+    atomic_write_text(paths["table.md"], paper_table(document) + "\n" + profile_table(document))
     return paths
 
 
@@ -289,10 +284,8 @@ def plot_losses(document: dict, path: str | os.PathLike, *, smoothing: int = 10)
 
 
 def _save(figure, path) -> Path:
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
     figure.tight_layout()
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    try:
+        return atomic_write(path, lambda file: figure.savefig(file, dpi=120, format="png"))
+    finally:
+        plt.close(figure)

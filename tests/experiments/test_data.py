@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 
-from worm_fast.data import DatasetNotFoundError, load_dataset, make_loader
+from worm_fast.experiments.data import DatasetNotFoundError, load_dataset, make_loader
 
 # Class counts of the standard MNIST training (60,000) and test (10,000) sets.
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from worm_fast import cli
-from worm_fast.data import DatasetNotFoundError, TokenizedText, load_text_task
-from worm_fast.data.text import TEXT_TASKS, TextExample
 from worm_fast.experiments import RunConfig, run_variants
+from worm_fast.experiments.data import DatasetNotFoundError, TokenizedText, load_text_task
+from worm_fast.experiments.data.text import TEXT_TASKS, TextExample
+from worm_fast.experiments.models import EMBEDDED_MODEL, ModelNotFoundError, load_tokenizer
 from worm_fast.experiments.variants import compare_variants, value_masking_variants
 from worm_fast.experiments.workloads import build_workload
-from worm_fast.models import EMBEDDED_MODEL, ModelNotFoundError, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

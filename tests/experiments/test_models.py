@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from worm_fast.models import MODELS, VGG11_CFG, build_model
+from worm_fast.experiments.models import MODELS, VGG11_CFG, build_model
 
 
 def n_params(model: nn.Module) -> int:
