@@ -3,15 +3,30 @@
 * Triton runs on CPU tensors in its interpreter when no GPU is present; the variable must
   be set before triton is first imported, so it is set here.
 * Under pytest-xdist the workers share the cores: each gets its share of torch threads,
-  since oversubscribed OpenMP threads spin and make every test several times slower.
+  since oversubscribed OpenMP threads spin and make every test several times slower
+  (``OMP_NUM_THREADS``, when set, wins).
+* ``backend_device``: every (backend, device type) pair that ``worm_fast.available()``
+  reports as runnable here, so that each op test runs every kernel that can run — the
+  CUDA and Triton kernels included, the day a GPU is present.
 """
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+torch.set_num_threads(
+    int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // _workers)
+)
+
+from tests.utils import RUNNABLE_BACKENDS  # noqa: E402  (after TRITON_INTERPRET is set)
+
+
+@pytest.fixture(params=RUNNABLE_BACKENDS, ids=[f"{b}-{d}" for b, d in RUNNABLE_BACKENDS])
+def backend_device(request) -> tuple[str, str]:
+    """``(backend name, device type)``, e.g. ``("cpp", "cpu")`` or ``("triton", "cuda")``."""
+    return request.param

@@ -1,6 +1,24 @@
-"""Assertion helpers shared by the tests."""
+"""Helpers shared by the tests: tolerances, assertions, and the backends that run here."""
 
 import torch
+
+import worm_fast
+
+
+def runnable_backends() -> list[tuple[str, str]]:
+    """Every (backend, device type) pair that can run on this machine."""
+    device_types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return [
+        (name, device_type)
+        for name, status in worm_fast.available().items()
+        if status.available
+        for device_type in device_types
+        if status.device_types is None or device_type in status.device_types
+    ]
+
+
+# Imported by conftest after it set TRITON_INTERPRET (the Triton backend's status reads it).
+RUNNABLE_BACKENDS = runnable_backends()
 
 # Tolerances against an oracle, by parameter dtype: a few ulps of O(1) operands, since
 # fused kernels round differently (FMA, order) and updates can cancel (g + wd * p).
