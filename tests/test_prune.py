@@ -10,7 +10,7 @@ from torch import nn
 from worm_fast.experiments.models import build_model
 from worm_fast.prune import apply_unstructured, prune_channels, zero_pruned_channels
 
-CASES = [("resnet20", 0.5), ("resnet18", 0.125), ("vgg11", 0.125)]
+CASES = [("resnet20_projection", 0.5), ("resnet18", 0.125), ("vgg11", 0.125)]
 
 
 def n_params(model):
@@ -120,7 +120,7 @@ def test_vgg_removes_exactly_the_masked_channels():
 
 
 def test_resnet_coupled_channels_removed_only_where_all_prune():
-    model = randomized("resnet20", 0.5)
+    model = randomized("resnet20_projection", 0.5)
     masks = random_masks(model, keep=0.2)
     eff = prune_channels(model, masks, torch.randn(1, 1, 32, 32)).effective_masks
     coupled = residual_groups(model)
@@ -134,14 +134,14 @@ def test_resnet_coupled_channels_removed_only_where_all_prune():
         assert torch.equal(eff[key], masks[key]) or masks[key].sum() == 0, key
 
 
-@pytest.mark.parametrize(("name", "width"), [("resnet20", 0.5), ("vgg11", 0.125)])
+@pytest.mark.parametrize(("name", "width"), [("resnet20_projection", 0.5), ("vgg11", 0.125)])
 def test_fully_pruned_layer_keeps_its_largest_gamma(name, width):
     model = randomized(name, width)
     masks = {k: torch.zeros_like(m) for k, m in random_masks(model).items()}
     x = torch.randn(2, 1, 32, 32)
     result = prune_channels(model, masks, x)
     params = dict(model.named_parameters())
-    groups = residual_groups(model) if name == "resnet20" else []
+    groups = residual_groups(model) if name == "resnet20_projection" else []
     groups += [[k] for k in masks if not any(k in g for g in groups)]
     for group in groups:
         gamma = torch.stack([params[k].detach().abs() for k in group]).amax(0)
@@ -154,7 +154,7 @@ def test_fully_pruned_layer_keeps_its_largest_gamma(name, width):
 
 
 def test_batchnorm_without_mask_is_kept():
-    model = randomized("resnet20", 0.5)
+    model = randomized("resnet20_projection", 0.5)
     masks = random_masks(model, keep=0.0)
     del masks["layer1.0.bn2.weight"]  # couples the stem and all of stage 1
     del masks["layer2.1.bn1.weight"]
@@ -167,7 +167,7 @@ def test_batchnorm_without_mask_is_kept():
 
 
 def test_training_mode_grad_mode_and_backward():
-    model = randomized("resnet20", 0.5).train()
+    model = randomized("resnet20_projection", 0.5).train()
     masks = random_masks(model)
     with torch.no_grad():  # tracing needs autograd; prune_channels enables it itself
         result = prune_channels(model, masks, torch.randn(2, 1, 32, 32))
@@ -202,7 +202,7 @@ def test_zero_pruned_channels_zeroes_weight_and_bias():
 
 
 def test_unstructured_masks_zero_the_masked_weights():
-    model = randomized("resnet20", 0.25)
+    model = randomized("resnet20_projection", 0.25)
     g = torch.Generator().manual_seed(0)
     params = dict(model.named_parameters())
     names = ["conv1.weight", "layer2.0.conv2.weight", "layer1.1.bn1.weight", "fc.weight"]
@@ -225,10 +225,28 @@ def test_unstructured_masks_zero_the_masked_weights():
 
 
 def test_unstructured_errors_leave_the_model_alone():
-    model = build_model("resnet20", width=0.25)
+    model = build_model("resnet20_projection", width=0.25)
     good = {"conv1.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool)}
     with pytest.raises(ValueError, match=re.escape("no parameter named 'conv9.weight'")):
         apply_unstructured(model, {**good, "conv9.weight": good["conv1.weight"]})
     with pytest.raises(ValueError, match=r"'fc.bias' has shape \(3,\), expected \(10,\)"):
         apply_unstructured(model, {**good, "fc.bias": torch.ones(3, dtype=torch.bool)})
     assert not hasattr(model.conv1, "weight_orig")
+
+
+def test_zero_padding_shortcuts_are_refused_not_mispruned():
+    # torch-pruning cannot follow channels through He et al.'s option-A shortcut (F.pad
+    # over channels); channel removal must refuse, never return a model that computes
+    # something else, and leave the input model untouched.
+    model = randomized("resnet20", 0.5)
+    before = copy.deepcopy(model.state_dict())
+    masks = {
+        name: torch.rand(p.shape) > 0.5
+        for name, p in model.named_parameters()
+        if "bn" in name and name.endswith("weight")
+    }
+    with pytest.raises(ValueError, match=r"zero-padding shortcut.*apply_unstructured"):
+        prune_channels(model, masks, torch.randn(1, 1, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    apply_unstructured(model, masks)  # masks work on any architecture
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)

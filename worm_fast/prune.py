@@ -135,6 +135,8 @@ def prune_channels(
             if not isinstance(module, _BATCHNORMS):
                 continue
             idxs, roots = torch.tensor(item.idxs), torch.tensor(item.root_idxs)
+            if idxs.numel() and (idxs.max() >= module.num_features or roots.max() >= size):
+                raise _untraceable(model)
             mask = mask_of.get(id(module))
             if mask is None:
                 removable[roots] = False
@@ -161,4 +163,31 @@ def prune_channels(
     for key, (module, mask) in by_key.items():
         removed = removed_of.get(id(module), torch.zeros_like(mask))
         effective[key] = (~removed).to(masks[key].device)
+    _check_equivalent(model, pruned, effective, example_inputs)
     return StructuredPruneResult(pruned, effective, _count_params(model), _count_params(pruned))
+
+
+def _untraceable(model: nn.Module) -> ValueError:
+    # torch-pruning maps channels only through the ops it knows; a zero-padding shortcut
+    # (F.pad over channels) is not one of them.
+    return ValueError(
+        f"cannot remove channels of {type(model).__name__}: torch-pruning could not follow "
+        "its channels through every connection (a zero-padding shortcut, as in He et al.'s "
+        "option-A ResNets, is one such operation); apply the ticket as masks "
+        "(prune.apply_unstructured) instead"
+    )
+
+
+@torch.no_grad()
+def _check_equivalent(model, pruned, effective, example_inputs) -> None:
+    """The smaller model must compute what the masked one does (eval mode, the example):
+    the one check that catches a channel mapping torch-pruning got silently wrong."""
+    masked = zero_pruned_channels(copy.deepcopy(model), effective).eval()
+    was_training = pruned.training
+    expected, got = masked(example_inputs), pruned.eval()(example_inputs)
+    pruned.train(was_training)
+    scale = expected.abs().max().clamp_min(1e-6)
+    if got.shape != expected.shape or not torch.allclose(
+        got, expected, rtol=1e-4, atol=1e-5 * scale
+    ):
+        raise _untraceable(model)

@@ -27,7 +27,8 @@ def test_restore_epochs():
 
 
 def test_structured_run_shrinks_the_model_and_its_flops():
-    result = run(RunConfig(**TINY, prune="structured", prune_ratio=0.5, mode="worm"))
+    config = dict(TINY, model="resnet20_projection")
+    result = run(RunConfig(**config, prune="structured", prune_ratio=0.5, mode="worm"))
     metrics = result.metrics
     assert result.status == "complete"
     assert metrics["params_after"] < metrics["params_before"]
@@ -39,6 +40,11 @@ def test_structured_run_shrinks_the_model_and_its_flops():
     total = result.profile["total"]
     assert total["duration"] == pytest.approx(sum(p["duration"] for p in phases.values()))
     assert metrics["total_seconds"] == pytest.approx(total["duration"])
+
+
+def test_structured_pruning_of_option_a_resnet20_is_refused_at_the_door():
+    with pytest.raises(ValueError, match=r"zero-padding.*resnet20_projection"):
+        RunConfig(**TINY, prune="structured")
 
 
 def test_variants_start_identically_and_seeds_differ():

@@ -10,7 +10,7 @@ transformers (Section VI), and training settings that make the embedded demos ru
 from dataclasses import dataclass
 
 from worm_fast.experiments.data import DATASETS, TEXT_TASKS
-from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS
+from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, NOT_CHANNEL_PRUNABLE
 from worm_fast.experiments.models.text import model_name
 from worm_fast.presets import PAPER_CNN, PAPER_TRANSFORMER
 
@@ -102,6 +102,12 @@ class RunConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.prune not in PRUNE_METHODS:
             raise ValueError(f"prune must be one of {PRUNE_METHODS}, got {self.prune!r}")
+        if self.prune == "structured" and self.model in NOT_CHANNEL_PRUNABLE:
+            raise ValueError(
+                f"model {self.model!r} has zero-padding (option-A) shortcuts, through which "
+                f"channels cannot be removed; use prune 'unstructured' (the paper's) or model "
+                f"'{self.model}_projection'"
+            )
         for name in ("max_epochs", "retrain_epochs", "batch_size"):
             if getattr(self, name) < (0 if name == "retrain_epochs" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -5,15 +5,21 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .resnet import BasicBlock, CifarResNet, resnet18, resnet20
+from .resnet import BasicBlock, CifarResNet, resnet18, resnet20, resnet20_projection
 from .text import EMBEDDED_MODEL, ModelNotFoundError, load_classifier, load_tokenizer
-from .vgg import VGG, VGG11_CFG, vgg11
+from .vgg import VGG, VGG11_ADAPTIVE_CFG, VGG11_CFG, vgg11, vgg11_adaptive
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet20": resnet20,
+    "resnet20_projection": resnet20_projection,
     "vgg11": vgg11,
+    "vgg11_adaptive": vgg11_adaptive,
 }
+
+# Models whose zero-padding (option-A) shortcuts torch-pruning cannot follow, so their
+# tickets are applied as masks only.
+NOT_CHANNEL_PRUNABLE = ("resnet20",)
 
 
 def build_model(
@@ -32,7 +38,9 @@ def build_model(
 __all__ = [
     "EMBEDDED_MODEL",
     "MODELS",
+    "NOT_CHANNEL_PRUNABLE",
     "VGG",
+    "VGG11_ADAPTIVE_CFG",
     "VGG11_CFG",
     "BasicBlock",
     "CifarResNet",
@@ -42,5 +50,7 @@ __all__ = [
     "load_tokenizer",
     "resnet18",
     "resnet20",
+    "resnet20_projection",
     "vgg11",
+    "vgg11_adaptive",
 ]
