@@ -94,7 +94,9 @@ def _masked_adamw_step_fake(params, grads, *states_and_masks, **hyperparameters)
 @torch.library.register_fake(f"{NAMESPACE}::soft_mask_distance")
 def _soft_mask_distance_fake(values, window, thresholds, temperatures):
     # The compute dtype of the values: fp64 for fp64, else fp32 (reference.compute_dtype).
-    return window.new_empty((), dtype=torch.float64 if values[0].dtype == torch.float64 else torch.float32)
+    return window.new_empty(
+        (), dtype=torch.float64 if values[0].dtype == torch.float64 else torch.float32
+    )
 
 
 @torch.library.register_fake(f"{NAMESPACE}::soft_mask_distance_backward")

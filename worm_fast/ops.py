@@ -98,7 +98,9 @@ def soft_mask_distance(
     dtype, device = values[0].dtype, values[0].device
     for i, v in enumerate(values):
         if not v.is_floating_point():
-            raise TypeError(f"soft_mask_distance: values[{i}] must be floating point, got {v.dtype}")
+            raise TypeError(
+                f"soft_mask_distance: values[{i}] must be floating point, got {v.dtype}"
+            )
         if v.dtype != dtype or v.device != device:
             raise ValueError(
                 f"soft_mask_distance: values must share one dtype and device; values[{i}] is "

@@ -356,7 +356,7 @@ def _soft_mask_distance_kernel(
 ):
     """partial[partial_offset + program] = the sum over this program's elements and the
     rows of |s - bit|: of an element's terms, ``kept`` are 1 - s and the others s."""
-    v, s, kept, temperature, index, inside = _soft_mask_tile(
+    _, s, kept, _, _, inside = _soft_mask_tile(
         values_ptr, window_ptr, thresholds_ptr, temperatures_ptr, tensor_index,
         segment_offset, numel, rows, row_stride, BLOCK,
     )  # fmt: skip

@@ -434,7 +434,9 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
 
 @soft_mask_distance.register_fake
 def _(values, window, thresholds, temperatures):
-    return window.new_empty((), dtype=torch.float64 if values[0].dtype == torch.float64 else torch.float32)
+    return window.new_empty(
+        (), dtype=torch.float64 if values[0].dtype == torch.float64 else torch.float32
+    )
 
 
 @soft_mask_distance_backward.register_fake
