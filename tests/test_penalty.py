@@ -108,7 +108,7 @@ def test_gradient_reaches_exactly_the_representative_parameters():
 
 
 def test_descending_the_penalty_pulls_the_weights_towards_the_window():
-    search, model, *_ = searched(checks=3)
+    search, *_ = searched(checks=3)
     params = list(search.params.values())
     held = search.window.rows[:3]
     before = mask_distance(params, held, 0.5).item()

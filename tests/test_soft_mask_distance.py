@@ -46,8 +46,13 @@ def _check_against_reference(backend, inputs):
     for k, (g, w) in enumerate(zip(got_grads, want_grads)):
         assert g.dtype == dtype and g.shape == w.shape
         tolerance = TOLERANCES[dtype]
-        assert_close(g.float() / scale, w.float() / scale, what=f"grad {k}",
-                     rtol=tolerance["rtol"], atol=max(tolerance["atol"], tolerance["rtol"]))
+        assert_close(
+            g.float() / scale,
+            w.float() / scale,
+            what=f"grad {k}",
+            rtol=tolerance["rtol"],
+            atol=max(tolerance["atol"], tolerance["rtol"]),
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

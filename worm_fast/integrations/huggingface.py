@@ -25,7 +25,7 @@ end (or every ``check_every_steps`` optimizer steps), and stops training once th
 converges. Search settings default to the paper's for transformers (stop distance 0.01,
 window 3, trigger margin 0.005, r = 3e-3, prune ratio 0.5, query and key weights as
 representative layers). Modes ``worm`` and ``truncate`` need a WormAdamW (or WormSGD);
-``eb`` works with any optimizer.
+``eb`` and ``gradient`` work with any optimizer.
 
 The search survives ``trainer.train(resume_from_checkpoint=...)``: every checkpoint the
 Trainer writes under ``args.output_dir`` also holds the search's state
@@ -133,7 +133,7 @@ class WormCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         optimizer = _truncating_optimizer(optimizer)
         mode = self.search_kwargs.get("mode", "worm")
-        if mode != "eb" and not hasattr(optimizer, "set_truncation"):
+        if mode in ("truncate", "worm") and not hasattr(optimizer, "set_truncation"):
             raise TypeError(
                 f"WormCallback(mode={mode!r}) truncates updates and needs the Trainer to use "
                 "WormAdamW: pass Trainer(optimizer_cls_and_kwargs=worm_adamw(args)), got "
