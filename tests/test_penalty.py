@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from worm_fast import EarlyBirdSearch, masks
-from worm_fast.penalty import PenaltySettings, mask_distance, soft_mask_constants
+from worm_fast import EarlyBirdSearch, masks, ops
+from worm_fast.penalty import PenaltySettings, soft_mask_constants
 
 
 def model_and_data(seed=0):
@@ -90,9 +90,17 @@ def test_penalty_is_zero_before_the_first_check_and_after_convergence():
 def test_penalty_weights_the_distance_more_with_every_check():
     search, *_ = searched(checks=3, distance_weight=0.5, duration_weight=0.25)
     params = list(search.params.values())
-    held = search.window.rows[:3]
-    distance = mask_distance(params, held, 0.5, temperature=search.penalty_settings.temperature)
+    distance = ops.soft_mask_distance(params, search.window.rows[:3], *search.soft_constants)
     assert search.penalty().item() == pytest.approx((0.5 + 0.25 * 3) * distance.item())
+
+
+def test_each_check_sets_the_soft_mask_of_its_newest_mask():
+    search, *_ = searched(checks=2, temperature=0.3)
+    params = list(search.params.values())
+    now = soft_mask_constants(params, 0.5, scope="global", temperature=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(search.soft_constants, now))
+    newest = torch.cat(masks.compute_masks(params, 0.5))
+    assert torch.equal(newest, search.window.rows[1])
 
 
 def test_gradient_reaches_exactly_the_representative_parameters():
@@ -111,13 +119,17 @@ def test_descending_the_penalty_pulls_the_weights_towards_the_window():
     search, *_ = searched(checks=3)
     params = list(search.params.values())
     held = search.window.rows[:3]
-    before = mask_distance(params, held, 0.5).item()
+
+    def distance():
+        return ops.soft_mask_distance(params, held, *search.soft_constants).item()
+
+    before = distance()
     optimizer = torch.optim.SGD(params, lr=0.05)
     for _ in range(20):
         optimizer.zero_grad()
         search.penalty().backward()
         optimizer.step()
-    assert mask_distance(params, held, 0.5).item() < 0.8 * before
+    assert distance() < 0.5 * before
 
 
 def test_without_the_penalty_the_stop_rule_is_early_birds():

@@ -25,7 +25,7 @@ from torch import nn
 
 from worm_fast import masks as mask_ops
 from worm_fast import ops
-from worm_fast.penalty import PenaltySettings, mask_distance
+from worm_fast.penalty import PenaltySettings, soft_mask_constants
 from worm_fast.presets import PAPER_CNN
 from worm_fast.representative import select as select_representative
 from worm_fast.rl.observation import ACTIONS, STOP, TRIGGER, CheckFeatures, ObservationLayout
@@ -164,6 +164,8 @@ class EarlyBirdSearch:
         if mode == "rl":
             self.config["max_checks"] = max_checks
         self.penalty_settings = penalty
+        # Mode gradient: the soft mask's thresholds and widths, set at every check.
+        self.soft_constants: tuple[torch.Tensor, torch.Tensor] | None = None
         self.policy = policy
         self.layout = layout
         self.features: list[CheckFeatures] = []  # mode rl: what each check measured
@@ -204,6 +206,11 @@ class EarlyBirdSearch:
             backend=self.backend,
         )
         self.window.push(self._newest)
+        if cfg["mode"] == "gradient":
+            self.soft_constants = soft_mask_constants(
+                list(self.params.values()), cfg["prune_ratio"], scope=cfg["scope"],
+                temperature=self.penalty_settings.temperature,
+            )  # fmt: skip
         distances = self.window.distances()
         d_max = d_avg = None
         if distances.numel():
@@ -255,11 +262,9 @@ class EarlyBirdSearch:
         if self.window.count == 0 or self.converged:
             return torch.zeros((), device=self.window.rows.device)
         held = self.window.rows[: min(self.window.count, self.window.length)]
-        distance = mask_distance(
-            list(self.params.values()), held, self.config["prune_ratio"],
-            scope=self.config["scope"], temperature=self.penalty_settings.temperature,
-            backend=self.backend,
-        )  # fmt: skip
+        distance = ops.soft_mask_distance(
+            list(self.params.values()), held, *self.soft_constants, backend=self.backend
+        )
         return self.penalty_settings.weight(len(self.records)) * distance
 
     # -- WORM-RL ----------------------------------------------------------------------
@@ -328,6 +333,7 @@ class EarlyBirdSearch:
             "newest": [m.clone() for m in self._newest],
             "ticket": None if self.ticket is None else asdict(self.ticket),
             "features": [asdict(features) for features in self.features],
+            "soft_constants": self.soft_constants,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -347,6 +353,8 @@ class EarlyBirdSearch:
         self._newest = [m.to(device) for m in state["newest"]]
         self.ticket = None if state["ticket"] is None else Ticket(**state["ticket"])
         self.features = [CheckFeatures(**features) for features in state.get("features", [])]
+        constants = state.get("soft_constants")
+        self.soft_constants = None if constants is None else tuple(t.to(device) for t in constants)
         if self.features and self.layout is not None:
             self.observation = self.layout.observe(self.features, self.config["max_checks"])
         if self._newest and self.optimizer is not None:
