@@ -188,3 +188,12 @@ class TestBadInput:
             torch.ops.worm_fast.soft_mask_distance(
                 self.values, self.window[:, :16].contiguous(), self.thresholds, self.temperatures
             )
+
+
+def test_compiled_kernels_are_registered():
+    from worm_fast import _C
+
+    keys = ("CPU", "CUDA") if _C.WITH_CUDA else ("CPU",)
+    for op in ("soft_mask_distance", "soft_mask_distance_backward"):
+        for key in keys:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", key), key

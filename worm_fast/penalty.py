@@ -49,8 +49,10 @@ import torch
 
 from worm_fast import masks as mask_ops
 
-# Defaults of EarlyBirdSearch(mode="gradient"); see README (WORM-gradient) for how they
-# were chosen on the demo workload.
+# Defaults of EarlyBirdSearch(mode="gradient"): the distance in the loss's own units,
+# its weight doubled after 10 checks, a soft band a tenth of the spread of |w| wide. Not
+# tuned: on a 1,000-image demo subset, weights 1 and 0.1 both settled the mask at the
+# first full window (docs/searches.md).
 DEFAULT_DISTANCE_WEIGHT = 1.0
 DEFAULT_DURATION_WEIGHT = 0.1
 DEFAULT_TEMPERATURE = 0.1
