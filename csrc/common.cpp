@@ -211,6 +211,43 @@ void check_hamming_window_args(const at::Tensor& current, const at::Tensor& wind
               current.device(), ", window on ", window.device());
 }
 
+void check_soft_mask_distance_args(at::TensorList values, const at::Tensor& window,
+                                   const at::Tensor& thresholds, const at::Tensor& temperatures,
+                                   const char* op) {
+  TORCH_CHECK(!values.empty(), op, ": values must hold at least one tensor");
+  const at::Tensor& first = values[0];
+  TORCH_CHECK(is_supported_float(first.scalar_type()), op,
+              ": values must be float32, float64, float16 or bfloat16, got ",
+              first.scalar_type());
+  int64_t nbytes = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const at::Tensor& v = values[i];
+    TORCH_CHECK(v.layout() == at::kStrided, op, ": values[", i, "] must be a strided tensor");
+    TORCH_CHECK(v.scalar_type() == first.scalar_type() && v.device() == first.device(), op,
+                ": values must share one dtype and device; values[", i, "] is ",
+                v.scalar_type(), " on ", v.device(), ", values[0] ", first.scalar_type(), " on ",
+                first.device());
+    nbytes += packed_nbytes(v.numel());
+  }
+  TORCH_CHECK(window.scalar_type() == at::kByte && window.dim() == 2, op,
+              ": window must be a 2-D uint8 tensor [rows, nbytes], got ", window.scalar_type(),
+              " of shape ", window.sizes());
+  TORCH_CHECK(window.size(0) >= 1, op, ": the window holds no mask (0 rows)");
+  TORCH_CHECK(window.size(1) == nbytes, op, ": window rows have ", window.size(1),
+              " bytes, the packed masks of the values take ", nbytes);
+  TORCH_CHECK(window.device() == first.device(), op, ": window is on ", window.device(),
+              ", values on ", first.device());
+  for (const at::Tensor* t : {&thresholds, &temperatures}) {
+    const char* name = t == &thresholds ? "thresholds" : "temperatures";
+    TORCH_CHECK(t->is_floating_point() && t->dim() == 1 &&
+                    t->numel() == static_cast<int64_t>(values.size()),
+                op, ": ", name, " must be a 1-D float tensor of ", values.size(),
+                " elements (one per tensor), got ", t->scalar_type(), " of shape ", t->sizes());
+    TORCH_CHECK(t->device() == first.device() || t->device().is_cpu(), op, ": ", name,
+                " is on ", t->device(), ", values on ", first.device());
+  }
+}
+
 const void* contiguous_data(const at::Tensor& t, std::vector<at::Tensor>& keep_alive) {
   if (t.is_contiguous()) {
     return t.const_data_ptr();

@@ -15,7 +15,7 @@ def test_quick_run_writes_json_and_upserts_csv(tmp_path):
     assert {"cpu", "cores", "threads", "torch", "date"} <= payload["machine"].keys()
     rows = payload["rows"]
     benchmarks = {row["benchmark"] for row in rows}
-    assert benchmarks == {"stream", "sgd_step", "adamw_step", "hamming_window"}
+    assert benchmarks == {"stream", "sgd_step", "adamw_step", "hamming_window", "penalty"}
     providers = {row["provider"] for row in rows if row["benchmark"] == "sgd_step"}
     assert {"torch_sgd_fused", "torch_sgd_foreach+foreach_mul", "worm_sgd_cpp+trunc"} <= providers
     providers = {row["provider"] for row in rows if row["benchmark"] == "adamw_step"}

@@ -47,6 +47,19 @@ _SCHEMAS = {
         "float eps, bool amsgrad, bool maximize, float truncation, Tensor? lr_tensor=None, "
         "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
     ),
+    # WORM-gradient's mask distance: the mean over the rows of `window` [l, nbytes] and the
+    # elements of `values` of |sigmoid((|v| - thresholds[k]) / temperatures[k]) - bit|, v an
+    # element of values[k] and bit its bit in the row. A row is a MaskWindow row: the
+    # packed masks of the tensors one after the other, each padded to whole words.
+    # Differentiable in `values` (thresholds and temperatures are constants).
+    "soft_mask_distance": (
+        "(Tensor[] values, Tensor window, Tensor thresholds, Tensor temperatures) -> Tensor"
+    ),
+    # Its gradient with respect to each of `values`, given the output's gradient `grad`.
+    "soft_mask_distance_backward": (
+        "(Tensor grad, Tensor[] values, Tensor window, Tensor thresholds, "
+        "Tensor temperatures) -> Tensor[]"
+    ),
 }
 
 for _name, _schema in _SCHEMAS.items():
@@ -76,3 +89,37 @@ def _masked_sgd_step_fake(params, grads, momentum_buffers, masks, **hyperparamet
 @torch.library.register_fake(f"{NAMESPACE}::masked_adamw_step_")
 def _masked_adamw_step_fake(params, grads, *states_and_masks, **hyperparameters):
     return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::soft_mask_distance")
+def _soft_mask_distance_fake(values, window, thresholds, temperatures):
+    # The compute dtype of the values: fp64 for fp64, else fp32 (reference.compute_dtype).
+    return window.new_empty(
+        (), dtype=torch.float64 if values[0].dtype == torch.float64 else torch.float32
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::soft_mask_distance_backward")
+def _soft_mask_distance_backward_fake(grad, values, window, thresholds, temperatures):
+    return [torch.empty_like(v, memory_format=torch.contiguous_format) for v in values]
+
+
+def _soft_mask_distance_setup_context(ctx, inputs, output):
+    values, window, thresholds, temperatures = inputs
+    ctx.save_for_backward(window, thresholds, temperatures, *values)
+
+
+def _soft_mask_distance_backward(ctx, grad):
+    window, thresholds, temperatures, *values = ctx.saved_tensors
+    grads = torch.ops.worm_fast.soft_mask_distance_backward(
+        grad, values, window, thresholds, temperatures
+    )
+    return list(grads), None, None, None
+
+
+# The backward is itself an op that reads the packed window: one kernel per backend.
+torch.library.register_autograd(
+    f"{NAMESPACE}::soft_mask_distance",
+    _soft_mask_distance_backward,
+    setup_context=_soft_mask_distance_setup_context,
+)

@@ -1,5 +1,5 @@
-"""The ``worm-fast`` command: search, compare, sweep, value-masking; and what backends
-this machine has.
+"""The ``worm-fast`` command: search, compare, sweep, value-masking; WORM-RL's ``rl
+record`` and ``rl train``; and what backends this machine has.
 
 A run trains a CNN on an image dataset (``--dataset``, default MNIST), or fine-tunes a
 pretrained transformer on a text task (``--task rt-polarity | sst2 | mrpc | rte``; the
@@ -9,8 +9,9 @@ figures; Ctrl-C keeps the finished epochs' results.
 """
 
 import argparse
+import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from worm_fast import backends
@@ -31,8 +32,12 @@ from worm_fast.experiments.variants import (
     sweep_variants,
     value_masking_variants,
 )
+from worm_fast.files import atomic_write_text
 from worm_fast.masks import SCOPES
 from worm_fast.representative import PRESETS
+from worm_fast.rl.observation import ObservationLayout
+from worm_fast.rl.policy import DEFAULT_STOP_PENALTY, DEFAULT_TIMESTEPS, PolicyError
+from worm_fast.rl.session import DEFAULT_REWARD_STEPS, DEFAULT_VALIDATION_FRACTION
 from worm_fast.search import MODES
 
 
@@ -121,6 +126,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help=f"a preset ({', '.join(PRESETS)}) or parameter-name patterns, e.g. "
         f"'*.query.weight' ({_by_kind('representative')})",
     )
+    proposal = parser.add_argument_group(
+        "WORM-gradient and WORM-RL (--mode gradient | rl)",
+        "gradient adds (distance-weight + duration-weight x checks) x the soft mask's "
+        "distance to the window's masks to the loss; rl stops when a trained policy says so",
+    )
+    proposal.add_argument("--distance-weight", type=float, default=defaults.distance_weight,
+                          help="λ_d (default: %(default)s)")  # fmt: skip
+    proposal.add_argument("--duration-weight", type=float, default=defaults.duration_weight,
+                          help="λ_T, added per check run (default: %(default)s)")  # fmt: skip
+    proposal.add_argument(
+        "--temperature", type=float, default=defaults.temperature,
+        help="soft-mask width in units of the spread of |w|, > 0 (default: %(default)s)",
+    )  # fmt: skip
+    proposal.add_argument("--policy", help="rl: a policy file written by `worm-fast rl train`")
     search.add_argument(
         "--prune",
         choices=PRUNE_METHODS,
@@ -153,9 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(profile)
     profile.add_argument("--mode", choices=MODES, default="worm")
-    compare = commands.add_parser("compare", help="EB Train vs WORM from identical starts")
+    compare = commands.add_parser(
+        "compare",
+        help="search modes (EB Train, WORM, WORM-gradient, WORM-RL) from identical starts",
+    )
     _add_run_options(compare)
     compare.add_argument("--runs", type=int, default=1, help="seeds to average over")
+    compare.add_argument(
+        "--modes", type=_modes, default=("eb", "worm"),
+        help=f"comma-separated modes to compare, of {','.join(MODES)} (default: eb,worm)",
+    )  # fmt: skip
     compare.add_argument(
         "--with-truncate", action="store_true", help="also truncate from the first check"
     )
@@ -174,8 +200,65 @@ def build_parser() -> argparse.ArgumentParser:
     value_masking.set_defaults(task="rt-polarity")
     value_masking.add_argument("--mode", choices=MODES, default="eb")
     value_masking.add_argument("--runs", type=int, default=1)
+    _add_rl_commands(commands)
     commands.add_parser("backends", help="which kernel backends run here, and why not")
     return parser
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(mode.strip() for mode in text.split(",") if mode.strip())
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown modes {unknown}; choose from {','.join(MODES)}")
+    return modes
+
+
+def _add_rl_commands(commands) -> None:
+    rl = commands.add_parser(
+        "rl", help="WORM-RL: record search trajectories, train a stopping policy (DQN)"
+    )
+    steps = rl.add_subparsers(dest="rl_command", required=True)
+    record = steps.add_parser(
+        "record",
+        help="run searches to their last epoch, measuring every check's ticket",
+        description="For each seed, trains the search for all its epochs (never stopping) on "
+        "the training data minus a validation split, and after every check measures the "
+        "validation accuracy of the pruned candidate after a short retraining; writes "
+        "OUT/trajectory-seed<N>.json. Use seeds you will not evaluate on.",
+    )
+    _add_run_options(record)
+    record.set_defaults(out=Path("runs/rl-trajectories"))
+    record.add_argument("--runs", type=int, default=1, help="seeds to record (--seed, +1, …)")
+    record.add_argument(
+        "--reward-steps", type=int, default=DEFAULT_REWARD_STEPS,
+        help="retraining steps before a ticket is scored (default: %(default)s)",
+    )  # fmt: skip
+    record.add_argument(
+        "--validation-fraction", type=float, default=DEFAULT_VALIDATION_FRACTION,
+        help="share of the training data held out to score tickets (default: %(default)s)",
+    )  # fmt: skip
+    train = steps.add_parser(
+        "train",
+        help="train a DQN stopping policy on recorded trajectories; evaluate on held-out seeds",
+    )
+    train.add_argument("--trajectories", type=Path, required=True,
+                       help="the directory `worm-fast rl record` wrote")  # fmt: skip
+    train.add_argument(
+        "--holdout-seeds", type=int, nargs="+", required=True,
+        help="seeds whose trajectories are only evaluated on, never trained on",
+    )  # fmt: skip
+    train.add_argument("--out", type=Path, default=Path("runs/rl-policy.zip"),
+                       help="the policy file (an SB3 zip; default: %(default)s)")  # fmt: skip
+    train.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS)
+    train.add_argument(
+        "--stop-penalty", type=float, default=DEFAULT_STOP_PENALTY,
+        help="λ: reward = ticket accuracy - λ x epochs used / max epochs (default: %(default)s)",
+    )  # fmt: skip
+    train.add_argument(
+        "--history", type=int, default=ObservationLayout.history,
+        help="checks of d_max / d_avg the policy sees (default: %(default)s)",
+    )  # fmt: skip
+    train.add_argument("--seed", type=int, default=0, help="DQN's seed")
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -191,7 +274,7 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
     if args.command in ("search", "profile"):
         return {args.mode: {"mode": args.mode}}
     if args.command == "compare":
-        return compare_variants(with_truncate=args.with_truncate)
+        return compare_variants(with_truncate=args.with_truncate, modes=args.modes)
     if args.command == "value-masking":
         return value_masking_variants(args.mode)
     return sweep_variants(args.truncations)
@@ -203,8 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, status in backends.available().items():
             print(f"{name:10s} {'yes' if status.available else 'no ':3s} {status.reason}")
         return 0
+    if args.command == "rl" and args.rl_command == "train":
+        return _rl_train(args)
     try:
         config = _config(args)
+        variants = {} if args.command == "rl" else _variants(args)
+        for overrides in variants.values():  # every variant's settings, before any runs
+            replace(config, **overrides)
     except ValueError as error:
         print(f"worm-fast: {error}", file=sys.stderr)
         return 2
@@ -215,12 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         document["environment"] = environment
         report.write_results(args.out, document)
 
+    if args.command == "rl":
+        return _rl_record(args, config)
     try:
         document = run_variants(
-            config, _variants(args), runs=getattr(args, "runs", 1), command=args.command,
+            config, variants, runs=getattr(args, "runs", 1), command=args.command,
             progress=not args.no_progress, on_update=save,
         )  # fmt: skip
-    except (DatasetNotFoundError, ModelNotFoundError) as error:
+    except (DatasetNotFoundError, ModelNotFoundError, PolicyError) as error:
         print(f"worm-fast: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -237,6 +327,61 @@ def main(argv: list[str] | None = None) -> int:
         print(report.profile_table(document))
     print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, phases.csv, table.md"
           + ("" if args.no_plots else ", mask_distance.png, loss.png") + ")")  # fmt: skip
+    return 0
+
+
+def _rl_record(args: argparse.Namespace, config: RunConfig) -> int:
+    from worm_fast.rl.record import record, trajectory_path
+
+    if args.runs < 1:
+        print(f"worm-fast: --runs must be at least 1, got {args.runs}", file=sys.stderr)
+        return 2
+    for seed in range(config.seed, config.seed + args.runs):
+        try:
+            trajectory = record(
+                replace(config, seed=seed), validation_fraction=args.validation_fraction,
+                reward_steps=args.reward_steps, progress=not args.no_progress,
+            )  # fmt: skip
+        except (DatasetNotFoundError, ModelNotFoundError, ValueError) as error:
+            print(f"worm-fast: {error}", file=sys.stderr)
+            return 2
+        path = trajectory.save(trajectory_path(args.out, seed))
+        best = max(trajectory.ticket_accuracy)
+        print(f"seed {seed}: {len(trajectory.features)} checks, EB's rule stops at check "
+              f"{trajectory.eb_stop() + 1}, best ticket {best:.2f}% → {path}")  # fmt: skip
+    return 0
+
+
+def _rl_train(args: argparse.Namespace) -> int:
+    try:
+        from worm_fast.rl.record import load_trajectories
+        from worm_fast.rl.train import evaluate, train_on_trajectories
+
+        trajectories = load_trajectories(args.trajectories)
+        held = set(args.holdout_seeds)
+        missing = held - {t.seed for t in trajectories}
+        training = [t for t in trajectories if t.seed not in held]
+        if missing or not training:
+            raise ValueError(
+                f"held-out seeds {sorted(missing)} have no trajectory in {args.trajectories}"
+                if missing else "every trajectory is held out: none is left to train on"
+            )  # fmt: skip
+        policy = train_on_trajectories(
+            training, layout=ObservationLayout(args.history), stop_penalty=args.stop_penalty,
+            timesteps=args.timesteps, seed=args.seed,
+        )  # fmt: skip
+    except (FileNotFoundError, ImportError, ValueError) as error:
+        print(f"worm-fast: {error}", file=sys.stderr)
+        return 2
+    path = policy.save(args.out)
+    rows = evaluate(policy, [t for t in trajectories if t.seed in held], args.stop_penalty)
+    report_path = path.with_suffix(".eval.json")
+    evaluation = {"held_out": rows, "training_seeds": list(policy.training_seeds),
+                  "stop_penalty": args.stop_penalty}  # fmt: skip
+    atomic_write_text(report_path, json.dumps(evaluation, indent=1))
+    print(report.rl_evaluation_table(rows))
+    print(f"policy: {path} (trained on seeds {sorted(policy.training_seeds)}); "
+          f"held-out evaluation: {report_path}")  # fmt: skip
     return 0
 
 

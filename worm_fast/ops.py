@@ -20,6 +20,7 @@ __all__ = [
     "masked_sgd_step_",
     "pack_mask",
     "packed_nbytes",
+    "soft_mask_distance",
     "unpack_mask",
 ]
 
@@ -69,6 +70,70 @@ def hamming_window(
     if current.device != window.device:
         raise ValueError(f"hamming_window: current on {current.device}, window on {window.device}")
     return resolve(backend, window.device).hamming_window(current.contiguous(), window.contiguous())
+
+
+def soft_mask_distance(
+    values: Sequence[torch.Tensor],
+    window: torch.Tensor,
+    thresholds: torch.Tensor | Sequence[float],
+    temperatures: torch.Tensor | Sequence[float],
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """WORM-gradient's differentiable mask distance, read straight from packed masks.
+
+    The mean, over the ``l`` rows of ``window`` and the ``N`` elements of ``values``, of
+    ``|sigmoid((|v| - t_k) / tau_k) - m|``: ``v`` an element of ``values[k]``, ``t_k`` and
+    ``tau_k`` that tensor's entries of ``thresholds`` and ``temperatures`` (> 0), ``m``
+    its bit in the row. A row of ``window`` [l, nbytes] is laid out as a ``MaskWindow``
+    row: the packed mask of each tensor in turn, each padded to whole words.
+
+    A 0-d tensor (fp64 for fp64 values, else fp32), differentiable with respect to
+    ``values``; thresholds and temperatures are constants (detached). The window is never
+    unpacked: the forward and backward kernels read its bits where they need them.
+    """
+    values = list(values)
+    if not values:
+        raise ValueError("soft_mask_distance: values must hold at least one tensor")
+    dtype, device = values[0].dtype, values[0].device
+    for i, v in enumerate(values):
+        if not v.is_floating_point():
+            raise TypeError(
+                f"soft_mask_distance: values[{i}] must be floating point, got {v.dtype}"
+            )
+        if v.dtype != dtype or v.device != device:
+            raise ValueError(
+                f"soft_mask_distance: values must share one dtype and device; values[{i}] is "
+                f"{v.dtype} on {v.device}, values[0] {dtype} on {device}"
+            )
+    numel = sum(v.numel() for v in values)
+    if numel == 0:
+        raise ValueError("soft_mask_distance: values hold no elements")
+    nbytes = sum(_ops.packed_nbytes(v.numel()) for v in values)
+    if window.dtype != torch.uint8 or window.dim() != 2 or window.shape[1] != nbytes:
+        raise ValueError(
+            f"soft_mask_distance: window must be uint8 [rows, {nbytes}] (the packed masks of "
+            f"the {len(values)} tensors, each padded to whole words), got {window.dtype} of "
+            f"shape {tuple(window.shape)}"
+        )
+    if window.shape[0] == 0:
+        raise ValueError("soft_mask_distance: the window holds no mask (0 rows)")
+    if window.device != device:
+        raise ValueError(f"soft_mask_distance: window is on {window.device}, values on {device}")
+    constants = []
+    for name, given in (("thresholds", thresholds), ("temperatures", temperatures)):
+        if isinstance(given, torch.Tensor) and given.device != device:
+            raise ValueError(f"soft_mask_distance: {name} on {given.device}, values on {device}")
+        tensor = torch.as_tensor(given, device=device).detach()
+        if not tensor.is_floating_point() or tensor.shape != (len(values),):
+            raise ValueError(
+                f"soft_mask_distance: {name} must be {len(values)} floats (one per tensor), got "
+                f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+            )
+        constants.append(tensor.to(reference.compute_dtype(dtype)).contiguous())
+    return resolve(backend, device).soft_mask_distance(
+        [v.contiguous() for v in values], window.contiguous(), *constants
+    )
 
 
 def masked_sgd_step_(

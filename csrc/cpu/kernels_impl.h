@@ -872,9 +872,155 @@ void hamming_range(const uint8_t* current, const uint8_t* window, int64_t row_st
   }
 }
 
+// ---------------------------------------------------------------------------------
+// soft_mask_distance: per 64-element block, how many of the window's rows keep each
+// element (one mask word per row, its bits summed in 64 lanes), then the soft mask.
+
+// e^x in fp32 from arithmetic and bit operations, which GCC vectorizes (libm's expf is
+// not vectorized without -ffast-math): x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite),
+// e^r by the Cephes expf polynomial (about 1 ulp), 2^n through the exponent bits. x is
+// clamped to [-87, 88], where 2^n stays a normal float; a NaN passes through.
+WF_INLINE float exp_vectorizable(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // The low mantissa bits of `shifted` hold n: n + 127 is the exponent field of 2^n.
+  const uint32_t exponent = bits_from_f32(shifted) - bits_from_f32(kRound) + 127u;
+  return p * f32_from_bits(exponent << 23);
+}
+
+WF_INLINE double exp_vectorizable(double x) { return __builtin_exp(x); }
+
+template <class T>
+WF_INLINE T sigmoid(T z) {
+  return T(1) / (T(1) + exp_vectorizable(-z));
+}
+
+// kept[b] = how many rows keep element b of the 64 at window byte `byte` (in 32-bit
+// halves: variable 32-bit shifts vectorize on AVX2, 64-bit ones convert poorly).
+WF_INLINE void kept_counts(const SoftMaskTensor& t, int64_t byte, int32_t* kept) {
+  for (int b = 0; b < 64; ++b) {
+    kept[b] = 0;
+  }
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const uint64_t word = load_u64(t.window + r * t.row_stride + byte);
+    const auto lo = static_cast<uint32_t>(word);
+    const auto hi = static_cast<uint32_t>(word >> 32);
+    for (int b = 0; b < 32; ++b) {
+      kept[b] += static_cast<int32_t>((lo >> b) & 1u);
+    }
+    for (int b = 0; b < 32; ++b) {
+      kept[32 + b] += static_cast<int32_t>((hi >> b) & 1u);
+    }
+  }
+}
+
+// The sum of 64 values, pairwise (vectorizes, unlike a running float sum).
+template <class T>
+WF_INLINE T sum64(T* x) {
+  for (int width = 32; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) {
+      x[k] += x[k + width];
+    }
+  }
+  return x[0];
+}
+
+template <class Io>
+double soft_mask_distance_typed(const SoftMaskTensor& t, int64_t begin, int64_t end) {
+  using S = typename Io::S;
+  using T = typename Io::T;
+  const S* v = static_cast<const S*>(t.values);
+  const T threshold = static_cast<T>(t.threshold);
+  const T temperature = static_cast<T>(t.temperature);
+  const T rows = static_cast<T>(t.rows);
+  double total = 0.0;
+  for (int64_t base = begin; base < end; base += kWordBits) {
+    const int64_t n = end - base < kWordBits ? end - base : kWordBits;
+    int32_t kept[kWordBits];
+    kept_counts(t, base / 8, kept);
+    // Of the rows' terms |s - bit|, `kept` are 1 - s and the others s.
+    T terms[kWordBits];
+    for (int64_t k = 0; k < n; ++k) {
+      const T s = sigmoid((absval(Io::load(v[base + k])) - threshold) / temperature);
+      const T c = static_cast<T>(kept[k]);
+      terms[k] = c + s * (rows - 2 * c);
+    }
+    for (int64_t k = n; k < kWordBits; ++k) {
+      terms[k] = T(0);
+    }
+    total += sum64(terms);
+  }
+  return total;
+}
+
+template <class Io>
+void soft_mask_distance_grad_typed(const SoftMaskTensor& t, double scale, void* grad,
+                                   int64_t begin, int64_t end) {
+  using S = typename Io::S;
+  using T = typename Io::T;
+  const S* v = static_cast<const S*>(t.values);
+  S* g = static_cast<S*>(grad);
+  const T threshold = static_cast<T>(t.threshold);
+  const T temperature = static_cast<T>(t.temperature);
+  const T rows = static_cast<T>(t.rows);
+  const T factor = static_cast<T>(scale / t.temperature);
+  for (int64_t base = begin; base < end; base += kWordBits) {
+    const int64_t n = end - base < kWordBits ? end - base : kWordBits;
+    int32_t kept[kWordBits];
+    kept_counts(t, base / 8, kept);
+    for (int64_t k = 0; k < n; ++k) {
+      const T x = Io::load(v[base + k]);
+      const T s = sigmoid((absval(x) - threshold) / temperature);
+      const T sign = x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
+      const T slope = rows - 2 * static_cast<T>(kept[k]);
+      g[base + k] = Io::store(factor * sign * s * (T(1) - s) * slope);
+    }
+  }
+}
+
+double soft_mask_distance_range(const SoftMaskTensor& t, int64_t begin, int64_t end) {
+  switch (t.kind) {
+    case ScalarKind::Float:
+      return soft_mask_distance_typed<FloatIo>(t, begin, end);
+    case ScalarKind::Double:
+      return soft_mask_distance_typed<DoubleIo>(t, begin, end);
+    case ScalarKind::Half:
+      return soft_mask_distance_typed<SoftHalfIo>(t, begin, end);
+    case ScalarKind::BFloat16:
+      return soft_mask_distance_typed<BFloat16Io>(t, begin, end);
+  }
+  return 0.0;
+}
+
+void soft_mask_distance_grad_range(const SoftMaskTensor& t, double scale, void* grad,
+                                   int64_t begin, int64_t end) {
+  switch (t.kind) {
+    case ScalarKind::Float:
+      return soft_mask_distance_grad_typed<FloatIo>(t, scale, grad, begin, end);
+    case ScalarKind::Double:
+      return soft_mask_distance_grad_typed<DoubleIo>(t, scale, grad, begin, end);
+    case ScalarKind::Half:
+      return soft_mask_distance_grad_typed<SoftHalfIo>(t, scale, grad, begin, end);
+    case ScalarKind::BFloat16:
+      return soft_mask_distance_grad_typed<BFloat16Io>(t, scale, grad, begin, end);
+  }
+}
+
 // Constant-initialized: no code compiled for this ISA runs when the table is chosen.
-constexpr KernelTable kTable{WF_ISA_NAME, sgd_range, adamw_range, pack_range, unpack_range,
-                             hamming_range};
+constexpr KernelTable kTable{WF_ISA_NAME,  sgd_range,     adamw_range,
+                             pack_range,   unpack_range,  hamming_range,
+                             soft_mask_distance_range, soft_mask_distance_grad_range};
 
 }  // namespace
 }  // namespace WF_ISA

@@ -7,6 +7,7 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -311,6 +312,87 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   }
 }
 
+constexpr const char* kSoftMaskOp = "worm_fast.soft_mask_distance";
+constexpr const char* kSoftMaskBackwardOp = "worm_fast.soft_mask_distance_backward";
+// Elements per work item of soft_mask_distance (a multiple of 64), and below how many
+// in all it runs on the calling thread.
+constexpr int64_t kSoftMaskChunk = 16384;
+constexpr int64_t kSoftMaskSerialBelow = 32768;
+
+// The tensors of a soft_mask_distance call, each with its segment of the window, and
+// the work items over all of them. Non-contiguous values are staged in `keep_alive`.
+struct SoftMaskWork {
+  std::vector<at::Tensor> keep_alive;
+  std::vector<SoftMaskTensor> tensors;
+  std::vector<WorkItem> items;
+  int64_t numel = 0;
+
+  SoftMaskWork(at::TensorList values, const at::Tensor& window, const at::Tensor& thresholds,
+               const at::Tensor& temperatures, const char* op) {
+    check_soft_mask_distance_args(values, window, thresholds, temperatures, op);
+    TORCH_CHECK(window.device().is_cpu(), op, " (CPU): window is on ", window.device());
+    const at::Tensor win = window.contiguous();
+    keep_alive.push_back(win);
+    const at::Tensor t = thresholds.to(at::kCPU, at::kDouble).contiguous();
+    const at::Tensor tau = temperatures.to(at::kCPU, at::kDouble).contiguous();
+    const uint8_t* row0 = win.const_data_ptr<uint8_t>();
+    int64_t offset = 0;
+    for (size_t i = 0; i < values.size(); ++i) {
+      const int64_t n = values[i].numel();
+      add_work_items(items, static_cast<int64_t>(i), n, kSoftMaskChunk);
+      tensors.push_back({contiguous_data(values[i], keep_alive), kind_of(values[i].scalar_type()),
+                         row0 + offset, win.size(1), win.size(0), n,
+                         t.const_data_ptr<double>()[i], tau.const_data_ptr<double>()[i]});
+      offset += packed_nbytes(n);
+      numel += n;
+    }
+    TORCH_CHECK(numel > 0, op, ": values hold no elements");
+  }
+};
+
+at::Tensor soft_mask_distance_cpu(at::TensorList values, const at::Tensor& window,
+                                  const at::Tensor& thresholds, const at::Tensor& temperatures) {
+  const SoftMaskWork work(values, window, thresholds, temperatures, kSoftMaskOp);
+  // One partial sum per work item, added in order: the result does not depend on threads.
+  std::vector<double> partial(work.items.size(), 0.0);
+  const KernelTable& k = selected_kernels();
+  run_work_items(work.items, work.numel, kSoftMaskSerialBelow, [&](const WorkItem& item) {
+    partial[&item - work.items.data()] =
+        k.soft_mask_distance_range(work.tensors[item.tensor], item.begin, item.end);
+  });
+  double total = 0.0;
+  for (const double p : partial) {
+    total += p;
+  }
+  const at::ScalarType dtype =
+      values[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::scalar_tensor(total / (static_cast<double>(window.size(0)) * work.numel),
+                           at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
+std::vector<at::Tensor> soft_mask_distance_backward_cpu(const at::Tensor& grad,
+                                                        at::TensorList values,
+                                                        const at::Tensor& window,
+                                                        const at::Tensor& thresholds,
+                                                        const at::Tensor& temperatures) {
+  const SoftMaskWork work(values, window, thresholds, temperatures, kSoftMaskBackwardOp);
+  TORCH_CHECK(grad.numel() == 1 && grad.device().is_cpu(), kSoftMaskBackwardOp,
+              ": grad must be one element on the CPU, got shape ", grad.sizes(), " on ",
+              grad.device());
+  const double scale = grad.item<double>() / (static_cast<double>(window.size(0)) * work.numel);
+  std::vector<at::Tensor> grads;
+  grads.reserve(values.size());
+  for (const at::Tensor& v : values) {
+    grads.push_back(at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous)));
+  }
+  const KernelTable& k = selected_kernels();
+  run_work_items(work.items, work.numel, kSoftMaskSerialBelow, [&](const WorkItem& item) {
+    k.soft_mask_distance_grad_range(work.tensors[item.tensor], scale,
+                                    grads[item.tensor].data_ptr(), item.begin, item.end);
+  });
+  return grads;
+}
+
 }  // namespace
 }  // namespace worm_fast::cpu
 
@@ -325,4 +407,6 @@ TORCH_LIBRARY_IMPL(worm_fast, CPU, m) {
   m.impl("hamming_window", &worm_fast::cpu::hamming_window_cpu);
   m.impl("masked_sgd_step_", &worm_fast::cpu::masked_sgd_step_cpu);
   m.impl("masked_adamw_step_", &worm_fast::cpu::masked_adamw_step_cpu);
+  m.impl("soft_mask_distance", &worm_fast::cpu::soft_mask_distance_cpu);
+  m.impl("soft_mask_distance_backward", &worm_fast::cpu::soft_mask_distance_backward_cpu);
 }

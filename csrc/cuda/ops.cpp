@@ -211,6 +211,98 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
   }
 }
 
+constexpr const char* kSoftMaskOp = "worm_fast.soft_mask_distance";
+constexpr const char* kSoftMaskBackwardOp = "worm_fast.soft_mask_distance_backward";
+
+// The launch arguments of each tensor of a soft_mask_distance call (staged contiguous
+// values, thresholds and temperatures converted on the stream, kept alive in `keep`).
+std::vector<SoftMaskArgs> soft_mask_args(at::TensorList values, const at::Tensor& window,
+                                         const at::Tensor& thresholds,
+                                         const at::Tensor& temperatures, const char* op,
+                                         std::vector<at::Tensor>& keep) {
+  check_soft_mask_distance_args(values, window, thresholds, temperatures, op);
+  TORCH_CHECK(window.is_cuda(), op, " (CUDA): window is on ", window.device());
+  const at::ScalarType acc = compute_dtype(values[0].scalar_type());
+  keep.push_back(window.contiguous());
+  const at::Tensor& win = keep.back();
+  keep.push_back(thresholds.to(win.device(), acc).contiguous());
+  const void* threshold = keep.back().const_data_ptr();
+  keep.push_back(temperatures.to(win.device(), acc).contiguous());
+  const void* temperature = keep.back().const_data_ptr();
+  std::vector<SoftMaskArgs> args;
+  int64_t offset = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    args.push_back({contiguous_data(values[i], keep), values[i].numel(),
+                    win.const_data_ptr<uint8_t>() + offset, win.size(1), win.size(0), threshold,
+                    temperature, static_cast<int64_t>(i)});
+    offset += packed_nbytes(values[i].numel());
+  }
+  return args;
+}
+
+int64_t total_numel(at::TensorList values, const char* op) {
+  int64_t numel = 0;
+  for (const at::Tensor& v : values) {
+    numel += v.numel();
+  }
+  TORCH_CHECK(numel > 0, op, ": values hold no elements");
+  return numel;
+}
+
+at::Tensor soft_mask_distance_cuda(at::TensorList values, const at::Tensor& window,
+                                   const at::Tensor& thresholds,
+                                   const at::Tensor& temperatures) {
+  const c10::cuda::CUDAGuard device_guard(window.device());
+  std::vector<at::Tensor> keep;
+  const auto args = soft_mask_args(values, window, thresholds, temperatures, kSoftMaskOp, keep);
+  const int64_t numel = total_numel(values, kSoftMaskOp);
+  const at::ScalarType acc = compute_dtype(values[0].scalar_type());
+  int64_t blocks = 0;
+  for (const SoftMaskArgs& a : args) {
+    blocks += a.numel > 0 ? soft_mask_distance_blocks(a.numel) : 0;
+  }
+  at::Tensor partial = at::zeros({blocks}, window.options().dtype(acc));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int64_t first = 0;
+  for (const SoftMaskArgs& a : args) {
+    if (a.numel > 0) {
+      launch_soft_mask_distance(kind_of(values[0].scalar_type()), a,
+                                static_cast<char*>(partial.data_ptr()) +
+                                    first * partial.element_size(),
+                                stream);
+      first += soft_mask_distance_blocks(a.numel);
+    }
+  }
+  return partial.sum().div_(static_cast<double>(window.size(0)) * numel);
+}
+
+std::vector<at::Tensor> soft_mask_distance_backward_cuda(const at::Tensor& grad,
+                                                         at::TensorList values,
+                                                         const at::Tensor& window,
+                                                         const at::Tensor& thresholds,
+                                                         const at::Tensor& temperatures) {
+  const c10::cuda::CUDAGuard device_guard(window.device());
+  std::vector<at::Tensor> keep;
+  const auto args =
+      soft_mask_args(values, window, thresholds, temperatures, kSoftMaskBackwardOp, keep);
+  TORCH_CHECK(grad.numel() == 1 && grad.device() == window.device(), kSoftMaskBackwardOp,
+              ": grad must be one element on ", window.device(), ", got shape ", grad.sizes(),
+              " on ", grad.device());
+  const int64_t numel = total_numel(values, kSoftMaskBackwardOp);
+  const at::ScalarType acc = compute_dtype(values[0].scalar_type());
+  const at::Tensor scale =
+      grad.to(acc).reshape({1}).div(static_cast<double>(window.size(0)) * numel);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < values.size(); ++i) {
+    grads.push_back(
+        at::empty(values[i].sizes(), values[i].options().memory_format(at::MemoryFormat::Contiguous)));
+    launch_soft_mask_distance_backward(kind_of(values[i].scalar_type()), args[i],
+                                       scale.const_data_ptr(), grads.back().data_ptr(), stream);
+  }
+  return grads;
+}
+
 }  // namespace
 }  // namespace worm_fast::cuda
 
@@ -220,6 +312,8 @@ TORCH_LIBRARY_IMPL(worm_fast, CUDA, m) {
   m.impl("hamming_window", &worm_fast::cuda::hamming_window_cuda);
   m.impl("masked_sgd_step_", &worm_fast::cuda::masked_sgd_step_cuda);
   m.impl("masked_adamw_step_", &worm_fast::cuda::masked_adamw_step_cuda);
+  m.impl("soft_mask_distance", &worm_fast::cuda::soft_mask_distance_cuda);
+  m.impl("soft_mask_distance_backward", &worm_fast::cuda::soft_mask_distance_backward_cuda);
 }
 
 TORCH_LIBRARY_IMPL(worm_fast, SparseCUDA, m) {

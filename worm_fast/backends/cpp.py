@@ -15,7 +15,10 @@ try:
 except ImportError as error:  # the package still works on the reference backend
     LOAD_ERROR = f"worm_fast._C is not built ({error}); build it with `pip install -e .`"
 
-_OPS = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_")
+_OPS = (
+    "pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_",
+    "soft_mask_distance", "soft_mask_distance_backward",
+)  # fmt: skip
 
 
 def missing_kernels(dispatch_key: str) -> list[str]:
@@ -45,3 +48,4 @@ unpack_mask = torch.ops.worm_fast.unpack_mask
 hamming_window = torch.ops.worm_fast.hamming_window
 masked_sgd_step_ = torch.ops.worm_fast.masked_sgd_step_
 masked_adamw_step_ = torch.ops.worm_fast.masked_adamw_step_
+soft_mask_distance = torch.ops.worm_fast.soft_mask_distance  # autograd: worm_fast._ops

@@ -8,6 +8,7 @@ from worm_fast.backends.cpp import (
     masked_adamw_step_,
     masked_sgd_step_,
     pack_mask,
+    soft_mask_distance,
     unpack_mask,
 )
 
@@ -16,6 +17,7 @@ __all__ = [
     "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",
+    "soft_mask_distance",
     "status",
     "unpack_mask",
 ]

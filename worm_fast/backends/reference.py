@@ -167,7 +167,54 @@ def masked_adamw_step_(
             target.copy_(value)
 
 
+def _segments(values, window):
+    """(values[k] flattened, its bytes of every window row [l, packed_nbytes]) per tensor."""
+    offset = 0
+    for v in values:
+        nbytes = packed_nbytes(v.numel())
+        yield v.reshape(-1), window[:, offset : offset + nbytes]
+        offset += nbytes
+
+
+def _soft_mask(v, threshold, temperature, acc):
+    return torch.sigmoid((v.to(acc).abs() - threshold.to(acc)) / temperature.to(acc))
+
+
+def soft_mask_distance(values, window, thresholds, temperatures):
+    """mean over the l rows and the N elements of ``|s - m|``, ``s = sigmoid((|v| - t) / tau)``
+    with the t and tau of v's tensor, m = v's bit in the row.
+
+    Row by row, so the unpacked window is never held whole. Differentiable in ``values``
+    through torch's autograd, which makes it the oracle of the backward kernels too.
+    """
+    acc = compute_dtype(values[0].dtype)
+    total = torch.zeros((), dtype=acc, device=window.device)
+    for k, (v, rows) in enumerate(_segments(values, window)):
+        s = _soft_mask(v, thresholds[k], temperatures[k], acc)
+        for row in rows:
+            total = total + (s - unpack_mask(row, v.numel()).to(acc)).abs().sum()
+    return total / (window.shape[0] * sum(v.numel() for v in values))
+
+
+def soft_mask_distance_backward(grad, values, window, thresholds, temperatures):
+    """d distance / d v = grad * sign(v) * s (1 - s) / tau * (l - 2 c) / (l N), with c the
+    rows in which v is kept: of the l terms |s - m|, c have slope -1 in s and l - c +1."""
+    acc = compute_dtype(values[0].dtype)
+    rows = window.shape[0]
+    scale = grad.to(acc) / (rows * sum(v.numel() for v in values))
+    grads = []
+    for k, (v, segment) in enumerate(_segments(values, window)):
+        s = _soft_mask(v, thresholds[k], temperatures[k], acc)
+        kept = torch.zeros(v.numel(), dtype=acc, device=v.device)
+        for row in segment:
+            kept += unpack_mask(row, v.numel())
+        slope = s * (1 - s) / temperatures[k].to(acc) * (rows - 2 * kept)
+        grads.append((scale * v.to(acc).sign() * slope).to(v.dtype).view(values[k].shape))
+    return grads
+
+
 for _name in (
     "pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_",
+    "soft_mask_distance", "soft_mask_distance_backward",
 ):  # fmt: skip
     torch.library.impl(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd", globals()[_name])

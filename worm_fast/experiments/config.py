@@ -8,10 +8,12 @@ transformers (Section VI), and training settings that make the embedded demos ru
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from worm_fast.experiments.data import DATASETS, TEXT_TASKS
 from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, NOT_CHANNEL_PRUNABLE
 from worm_fast.experiments.models.text import model_name
+from worm_fast.penalty import PenaltySettings
 from worm_fast.presets import PAPER_CNN, PAPER_TRANSFORMER
 
 PRUNE_METHODS = ("unstructured", "structured")
@@ -73,6 +75,11 @@ class RunConfig:
     truncation: float = 3e-3
     scope: str = "global"
     representative: str | tuple[str, ...] | None = None  # preset or name patterns
+    # Mode gradient (worm_fast.penalty): λ_d, λ_T per check, and the soft mask's width.
+    distance_weight: float = PenaltySettings.distance_weight
+    duration_weight: float = PenaltySettings.duration_weight
+    temperature: float = PenaltySettings.temperature
+    policy: str | None = None  # mode rl: a policy file written by `worm-fast rl train`
     prune: str = "unstructured"
     seed: int = 0
     device: str = "cpu"
@@ -111,6 +118,20 @@ class RunConfig:
         for name in ("max_epochs", "retrain_epochs", "batch_size"):
             if getattr(self, name) < (0 if name == "retrain_epochs" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self._check_search_mode()
+
+    def _check_search_mode(self) -> None:
+        if self.mode == "gradient":
+            PenaltySettings(self.distance_weight, self.duration_weight, self.temperature)
+        if self.mode == "rl" and self.policy is None:
+            raise ValueError(
+                "mode 'rl' stops when a learned policy says so: give the policy file "
+                "(--policy PATH, written by `worm-fast rl train`)"
+            )
+        if self.policy is not None and not Path(self.policy).is_file():
+            raise ValueError(
+                f"policy {self.policy!r} is not a file (`worm-fast rl train` writes one)"
+            )
 
     def _check_images(self) -> None:
         if self.model_path is not None:

@@ -25,10 +25,24 @@ from worm_fast.profiling import (
     mask_check_cost,
     model_flops,
     optimizer_step_cost,
+    penalty_step_cost,
 )
 from worm_fast.search import EarlyBirdSearch
 
-__all__ = ["RunConfig", "RunResult", "run"]
+__all__ = ["RunConfig", "RunResult", "run", "search_mode_options"]
+
+
+def search_mode_options(config: RunConfig) -> dict:
+    """The EarlyBirdSearch arguments of the run's mode beyond Algorithm 1's."""
+    if config.mode == "gradient":
+        return dict(
+            distance_weight=config.distance_weight,
+            duration_weight=config.duration_weight,
+            temperature=config.temperature,
+        )
+    if config.mode == "rl":
+        return dict(policy=config.policy, max_checks=config.max_epochs)
+    return {}
 
 
 @dataclass
@@ -77,7 +91,9 @@ def run(
         trigger_margin=config.trigger_margin, truncation=config.truncation,
         scope=config.scope, representative=config.representative,
         backend=None if config.backend == "auto" else config.backend,
+        **search_mode_options(config),
     )  # fmt: skip
+    penalty = search.penalty if config.mode == "gradient" else None
     masked_numel = sum(p.numel() for p in search.params.values())
     accuracy = None
     try:
@@ -87,12 +103,17 @@ def run(
                 trained = train_epoch(
                     model, train_loader, optimizer, device=device, forward=forward,
                     progress=progress, description=f"{config.mode} search epoch {epoch}",
+                    penalty=penalty if search.window.count else None,
                 )  # fmt: skip
                 accuracy = evaluate(model, test_loader, device=device, forward=forward)
-                record = search.check()
+                held = min(search.window.count, config.window)  # the masks the penalty read
+                record = search.check(train_loss=trained.loss)
                 costs.count_epoch(profiler, model, trained.steps,
                                   masked_numel if truncating else 0)  # fmt: skip
                 profiler.add_work(mask_ops=mask_check_cost(masked_numel, window=config.window))
+                if penalty is not None and held:
+                    cost = penalty_step_cost(masked_numel, rows=held) * trained.steps
+                    profiler.add_work(mask_ops=cost)
             result.rows.append(
                 dict(
                     phase="search", epoch=epoch, loss=trained.loss,
@@ -151,7 +172,9 @@ def run(
         _publish(result, profiler, notify)
         raise
 
-    seconds = {row.phase: row.duration for row in profiler.report()}
+    report = profiler.report()
+    seconds = {row.phase: row.duration for row in report}
+    flops = {row.phase: row.flops for row in report}
     result.metrics = dict(
         converged=search.converged,
         search_epochs=len([row for row in result.rows if row["phase"] == "search"]),
@@ -165,6 +188,8 @@ def run(
         prune_seconds=seconds["prune"],
         retrain_seconds=seconds.get("retrain", 0.0),
         total_seconds=seconds["total"],
+        search_flops=flops["search"],
+        total_flops=flops["total"],
         params_before=params_before,
         params_after=params_after,
         ticket_density=search.candidate().density,

@@ -109,6 +109,24 @@ def paper_table(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rl_evaluation_table(rows: list[dict]) -> str:
+    """WORM-RL's policy on held-out seeds (``worm_fast.rl.train.evaluate``): per seed and
+    on average, the check where the policy, Early-Bird's rule and the best stop in
+    hindsight stop, with the reward and ticket accuracy of each."""
+    stops = {"policy": "policy", "eb_rule": "EB rule", "best": "best in hindsight"}
+    header = ["seed"] + [f"{label} {what}" for label in stops.values()
+                         for what in ("check", "reward", "acc.")]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    mean = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0] if key != "seed"}
+    for row, seed in [*((row, str(row["seed"])) for row in rows), (mean, "mean")]:
+        cells = [seed]
+        for stop in stops:
+            cells += [f"{row[f'{stop}_check']:.3g}", f"{row[f'{stop}_reward']:.3f}",
+                      f"{row[f'{stop}_accuracy']:.2f}%"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 PROFILE_COLUMNS = {
     "time (s)": ("duration", "{:.1f}"),
     "steps": ("steps", "{:.0f}"),

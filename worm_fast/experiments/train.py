@@ -58,7 +58,10 @@ def train_epoch(
     forward: Forward = classify_images,
     progress: bool = False,
     description: str = "train",
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> EpochResult:
+    """One pass over ``loader``. ``penalty`` (e.g. WORM-gradient's ``search.penalty``) is
+    added to each step's loss; the losses reported are the task's alone."""
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
@@ -68,7 +71,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         logits, labels = forward(model, batch, device)
         loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
+        (loss if penalty is None else loss + penalty()).backward()
         optimizer.step()
         batch_losses.append(loss.detach())
         loss_sum += loss.detach() * labels.numel()

@@ -1,5 +1,5 @@
-"""Several variants of a run (EB vs WORM, a truncation sweep, Q/K vs Q/K/V
-representative layers) from identical starts.
+"""Several variants of a run (EB vs WORM vs the proposal's WORM-gradient and WORM-RL, a
+truncation sweep, Q/K vs Q/K/V representative layers) from identical starts.
 
 For every seed, each variant starts from the same initial weights and sees the same
 data order, as the paper's Tables I–III do; metrics are averaged over seeds. The
@@ -13,17 +13,31 @@ from dataclasses import asdict, replace
 
 from worm_fast.experiments.pipeline import RunConfig, RunResult, run
 from worm_fast.experiments.workloads import initial_state
+from worm_fast.rl.policy import check_held_out, load_policy
 
 # Truncation factors of the paper's Table I.
 TABLE_I_TRUNCATIONS = (1.0, 0.5, 0.1, 0.05, 0.01)
 
+# How each search mode is labelled in tables and figures.
+MODE_LABELS = {
+    "eb": "EB Train",
+    "worm": "WORM",
+    "truncate": "Truncate",
+    "gradient": "WORM-gradient",
+    "rl": "WORM-RL",
+}
 
-def compare_variants(*, with_truncate: bool = False) -> dict[str, dict]:
-    """EB Train vs WORM (Tables II/III), optionally truncation from the start too."""
-    variants = {"EB Train": {"mode": "eb"}, "WORM": {"mode": "worm"}}
-    if with_truncate:
-        variants["Truncate"] = {"mode": "truncate"}
-    return variants
+
+def compare_variants(
+    *, with_truncate: bool = False, modes: tuple[str, ...] = ("eb", "worm")
+) -> dict[str, dict]:
+    """One variant per search mode, by default EB Train vs WORM (Tables II/III);
+    ``with_truncate`` adds truncation from the start."""
+    modes = (*modes, "truncate") if with_truncate and "truncate" not in modes else modes
+    unknown = [mode for mode in modes if mode not in MODE_LABELS]
+    if unknown or not modes:
+        raise ValueError(f"modes must be some of {', '.join(MODE_LABELS)}; got {list(modes)}")
+    return {MODE_LABELS[mode]: {"mode": mode} for mode in dict.fromkeys(modes)}
 
 
 def sweep_variants(truncations=TABLE_I_TRUNCATIONS) -> dict[str, dict]:
@@ -33,7 +47,7 @@ def sweep_variants(truncations=TABLE_I_TRUNCATIONS) -> dict[str, dict]:
 
 def value_masking_variants(mode: str = "eb") -> dict[str, dict]:
     """Query and key as representative layers vs query, key and value (Table V)."""
-    label = {"eb": "EB Train", "worm": "WORM", "truncate": "Truncate"}[mode]
+    label = MODE_LABELS[mode]
     return {
         f"{label} (Q, K)": {"mode": mode, "representative": "attention"},
         f"{label} (Q, K, V)": {"mode": mode, "representative": "attention_qkv"},
@@ -66,6 +80,10 @@ def run_variants(
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
     configs = {label: replace(base, **overrides) for label, overrides in variants.items()}
+    seeds = range(base.seed, base.seed + runs)
+    for config in configs.values():
+        if config.mode == "rl":  # before anything runs: a policy never sees its own seeds
+            check_held_out(load_policy(config.policy), seeds)
     document = {
         "command": command,
         "base_config": asdict(base),

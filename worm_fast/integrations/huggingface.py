@@ -12,13 +12,20 @@
     trainer.train()  # stops at the epoch end where the ticket converges
     worm_fast.prune.apply_unstructured(model, load_ticket("out/ticket/ticket.pt").bool_masks())
 
+WORM-gradient (``mode="gradient"``) adds the search's penalty to the training loss, which
+a callback cannot do: train with :class:`WormTrainer`, a ``Trainer`` whose
+``compute_loss`` adds it (or add ``callback.penalty()`` in your own ``compute_loss``)::
+
+    trainer = WormTrainer(model=model, args=args, train_dataset=train,
+                          callbacks=[WormCallback(mode="gradient", save_dir="out/ticket")])
+
 The callback builds an :class:`~worm_fast.search.EarlyBirdSearch` over the model and the
 Trainer's optimizer when training begins, runs one check of Algorithm 1 at every epoch
 end (or every ``check_every_steps`` optimizer steps), and stops training once the ticket
 converges. Search settings default to the paper's for transformers (stop distance 0.01,
 window 3, trigger margin 0.005, r = 3e-3, prune ratio 0.5, query and key weights as
 representative layers). Modes ``worm`` and ``truncate`` need a WormAdamW (or WormSGD);
-``eb`` works with any optimizer.
+``eb`` and ``gradient`` work with any optimizer.
 
 The search survives ``trainer.train(resume_from_checkpoint=...)``: every checkpoint the
 Trainer writes under ``args.output_dir`` also holds the search's state
@@ -39,7 +46,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from worm_fast.files import atomic_write, atomic_write_text
@@ -95,6 +102,11 @@ class WormCallback(TrainerCallback):
         save_dir: str | os.PathLike | None = None,
         **search_kwargs,
     ) -> None:
+        if search_kwargs.get("mode") == "rl":
+            raise ValueError(
+                "WormCallback runs modes eb, truncate, worm and gradient; mode 'rl' needs the "
+                "training loss at each check: drive an EarlyBirdSearch(mode='rl') yourself"
+            )
         if check_every_steps is not None and (
             isinstance(check_every_steps, bool)
             or not isinstance(check_every_steps, int)
@@ -109,12 +121,19 @@ class WormCallback(TrainerCallback):
         self.search: EarlyBirdSearch | None = None
         self.checks: list[dict] = []  # every check's record, with the Trainer's step
 
+    def penalty(self) -> torch.Tensor | float:
+        """Mode ``gradient``: the search's penalty, to add to the training loss (0 in the
+        other modes, and before training begins)."""
+        if self.search is None or self.search.mode != "gradient":
+            return 0.0
+        return self.search.penalty()
+
     # -- Trainer events ---------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         optimizer = _truncating_optimizer(optimizer)
         mode = self.search_kwargs.get("mode", "worm")
-        if mode != "eb" and not hasattr(optimizer, "set_truncation"):
+        if mode in ("truncate", "worm") and not hasattr(optimizer, "set_truncation"):
             raise TypeError(
                 f"WormCallback(mode={mode!r}) truncates updates and needs the Trainer to use "
                 "WormAdamW: pass Trainer(optimizer_cls_and_kwargs=worm_adamw(args)), got "
@@ -207,6 +226,28 @@ class WormCallback(TrainerCallback):
             "shapes": {key: list(shape) for key, shape in ticket.shapes.items()},
         }
         atomic_write(self.save_dir / name, lambda f: torch.save(payload, f))
+
+
+class WormTrainer(Trainer):
+    """A ``Trainer`` whose training loss includes the WORM-gradient penalty of its
+    :class:`WormCallback` (in ``callbacks``); with any other mode it is a plain Trainer.
+
+    The penalty joins the loss of every training micro-batch (so with gradient
+    accumulation each optimizer step sees it once, on average) and never the
+    evaluation loss.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        callback = next(
+            (c for c in self.callback_handler.callbacks if isinstance(c, WormCallback)), None
+        )
+        if callback is None or not model.training:
+            return result
+        if return_outputs:
+            loss, outputs = result
+            return loss + callback.penalty(), outputs
+        return result + callback.penalty()
 
 
 def _checkpoint_folder(args: TrainingArguments, state) -> Path:

@@ -16,6 +16,7 @@ from worm_fast.profiling.flops import (
     model_flops,
     op_cost,
     optimizer_step_cost,
+    penalty_step_cost,
 )
 from worm_fast.profiling.phases import PhaseProfiler, PhaseRow
 
@@ -32,4 +33,5 @@ __all__ = [
     "model_flops",
     "op_cost",
     "optimizer_step_cost",
+    "penalty_step_cost",
 ]

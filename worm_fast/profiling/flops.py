@@ -275,6 +275,27 @@ def _hamming_window_flop(current, window, *, out_shape=None) -> int:
     return 2 * rows * nbytes
 
 
+# soft_mask_distance, per element: |v| - t, / tau, exp, + 1, reciprocal, then kept +
+# s * (rows - 2 kept) (4); its backward: the soft mask (5), sign, s (1 - s) (2), and
+# four products. Each window row adds a shift-and and an add per element.
+_SOFT_MASK_FLOPS = 9
+_SOFT_MASK_BACKWARD_FLOPS = 12
+
+
+@register_flop_formula(_ops.soft_mask_distance)
+def _soft_mask_distance_flop(values, window, thresholds, temperatures, *, out_shape=None) -> int:
+    numel = sum(math.prod(shape) for shape in values)
+    return numel * (_SOFT_MASK_FLOPS + 2 * window[0])
+
+
+@register_flop_formula(_ops.soft_mask_distance_backward)
+def _soft_mask_distance_backward_flop(
+    grad, values, window, thresholds, temperatures, *, out_shape=None
+) -> int:
+    numel = sum(math.prod(shape) for shape in values)
+    return numel * (_SOFT_MASK_BACKWARD_FLOPS + 2 * window[0])
+
+
 def _masked_sgd_step_bytes(
     params, grads, momentum_buffers, masks, *, momentum, is_first_step, **unused
 ) -> int:
@@ -317,12 +338,26 @@ def _hamming_window_bytes(current, window) -> int:
     return window.numel() + current.numel() + rows * 8  # int64 counts out
 
 
+def _soft_mask_distance_bytes(values, window, thresholds, temperatures) -> int:
+    # Each value read once, each window byte once (8 elements share a byte).
+    return sum(v.numel() * v.element_size() for v in values) + window.numel()
+
+
+def _soft_mask_distance_backward_bytes(grad, values, window, thresholds, temperatures) -> int:
+    # The forward's reads, and a gradient written per value.
+    return _soft_mask_distance_bytes(values, window, thresholds, temperatures) + sum(
+        v.numel() * v.element_size() for v in values
+    )
+
+
 _BYTES = {
     _ops.masked_sgd_step_: _masked_sgd_step_bytes,
     _ops.masked_adamw_step_: _masked_adamw_step_bytes,
     _ops.pack_mask: _pack_mask_bytes,
     _ops.unpack_mask: _unpack_mask_bytes,
     _ops.hamming_window: _hamming_window_bytes,
+    _ops.soft_mask_distance: _soft_mask_distance_bytes,
+    _ops.soft_mask_distance_backward: _soft_mask_distance_backward_bytes,
 }
 _FLOPS = {
     _ops.masked_sgd_step_: _masked_sgd_step_flop,
@@ -330,6 +365,8 @@ _FLOPS = {
     _ops.pack_mask: _pack_mask_flop,
     _ops.unpack_mask: _unpack_mask_flop,
     _ops.hamming_window: _hamming_window_flop,
+    _ops.soft_mask_distance: _soft_mask_distance_flop,
+    _ops.soft_mask_distance_backward: _soft_mask_distance_backward_flop,
 }
 
 
@@ -435,6 +472,24 @@ def mask_check_cost(
     return op_cost(_ops.pack_mask, values, threshold) + op_cost(_ops.hamming_window, packed, older)
 
 
+def penalty_step_cost(
+    masked_numel: int, *, rows: int, dtype: torch.dtype = torch.float32
+) -> OpCost:
+    """FLOPs and bytes of WORM-gradient's penalty in one training step: the forward and
+    backward of ``soft_mask_distance`` over ``masked_numel`` values and ``rows`` masks.
+
+    The threshold selection and the spread of ``|w|`` (aten) are not included.
+    """
+    values = [torch.empty(masked_numel, dtype=dtype, device="meta")]
+    window = torch.empty(rows, packed_nbytes(masked_numel), dtype=torch.uint8, device="meta")
+    constants = torch.empty(1, device="meta")
+    shapes = ([values[0].shape], window.shape, constants.shape, constants.shape)
+    flops = _soft_mask_distance_flop(*shapes) + _soft_mask_distance_backward_flop((), *shapes)
+    data = _soft_mask_distance_bytes(values, window, constants, constants)
+    data += _soft_mask_distance_backward_bytes(None, values, window, constants, constants)
+    return OpCost(flops, data)
+
+
 __all__ = [
     "FlopCount",
     "OpCost",
@@ -445,5 +500,6 @@ __all__ = [
     "model_flops",
     "op_cost",
     "optimizer_step_cost",
+    "penalty_step_cost",
     "sgd_flops_per_element",
 ]

@@ -92,5 +92,12 @@ void masked_adamw_step_sparse(at::TensorList params, at::TensorList grads,
 void check_pack_mask_args(const at::Tensor& values, const at::Tensor& threshold);
 void check_unpack_mask_args(const at::Tensor& packed, int64_t numel);
 void check_hamming_window_args(const at::Tensor& current, const at::Tensor& window);
+// soft_mask_distance (and its backward, whose `grad` is one element): values of one
+// supported float dtype on one device, the window uint8 [rows >= 1, the tensors' packed
+// bytes] on it, thresholds and temperatures one float per tensor, anywhere (`op` names
+// the op in the messages).
+void check_soft_mask_distance_args(at::TensorList values, const at::Tensor& window,
+                                   const at::Tensor& thresholds, const at::Tensor& temperatures,
+                                   const char* op);
 
 }  // namespace worm_fast

@@ -72,6 +72,19 @@ struct AdamTensor {
   double bias_correction2_sqrt;
 };
 
+// One tensor of soft_mask_distance: its values and, in row 0 of the packed window, the
+// first byte of its segment (whole 64-bit words, rows `row_stride` bytes apart).
+struct SoftMaskTensor {
+  const void* values;
+  ScalarKind kind;
+  const uint8_t* window;
+  int64_t row_stride;
+  int64_t rows;
+  int64_t numel;
+  double threshold;
+  double temperature;
+};
+
 struct KernelTable {
   const char* isa;
   // Elements [begin, end) of one tensor; begin is a multiple of 64.
@@ -88,6 +101,13 @@ struct KernelTable {
   // byte_end); rows are `row_stride` bytes apart. Any alignment.
   void (*hamming_range)(const uint8_t* current, const uint8_t* window, int64_t row_stride,
                         int64_t rows, int64_t byte_begin, int64_t byte_end, int64_t* acc);
+  // The sum over elements [begin, end) (begin a multiple of 64) and the window's rows of
+  // |sigmoid((|v| - threshold) / temperature) - bit|.
+  double (*soft_mask_distance_range)(const SoftMaskTensor& t, int64_t begin, int64_t end);
+  // grad[i] = scale * sign(v) s (1 - s) / temperature * (rows - 2 kept_i) over elements
+  // [begin, end) (begin a multiple of 64), stored in the values' dtype.
+  void (*soft_mask_distance_grad_range)(const SoftMaskTensor& t, double scale, void* grad,
+                                        int64_t begin, int64_t end);
 };
 
 const KernelTable& kernels_default();

@@ -100,4 +100,31 @@ void launch_unpack_mask(const uint8_t* packed, bool* out, int64_t numel, cudaStr
 void launch_hamming_window(const uint8_t* current, const uint8_t* window, int64_t rows,
                            int64_t nbytes, int64_t* out, cudaStream_t stream);
 
+// One tensor of soft_mask_distance: `numel` contiguous values, `window` the first byte
+// of its segment in row 0 of the packed window (rows `row_stride` bytes apart), and
+// `threshold` / `temperature` device arrays of the compute dtype, read at `index`.
+struct SoftMaskArgs {
+  const void* values;
+  int64_t numel;
+  const uint8_t* window;
+  int64_t row_stride;
+  int64_t rows;
+  const void* threshold;
+  const void* temperature;
+  int64_t index;
+};
+
+// The partial sums (one per block) launch_soft_mask_distance writes for `numel` values.
+int64_t soft_mask_distance_blocks(int64_t numel);
+
+// partial[b] (compute dtype) = block b's sum of |sigmoid((|v| - t) / tau) - bit| over its
+// elements and the rows.
+void launch_soft_mask_distance(ScalarKind kind, const SoftMaskArgs& args, void* partial,
+                               cudaStream_t stream);
+
+// grad = scale * sign(v) s (1 - s) / tau * (rows - 2 kept), in the values' dtype;
+// `scale` is one device element of the compute dtype.
+void launch_soft_mask_distance_backward(ScalarKind kind, const SoftMaskArgs& args,
+                                        const void* scale, void* grad, cudaStream_t stream);
+
 }  // namespace worm_fast::cuda

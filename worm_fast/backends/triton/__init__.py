@@ -22,6 +22,7 @@ __all__ = [
     "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",
+    "soft_mask_distance",
     "status",
     "unpack_mask",
 ]
@@ -52,6 +53,12 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
 def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     _require()
     return torch.ops.worm_fast.triton_hamming_window(current, window)
+
+
+def soft_mask_distance(values, window, thresholds, temperatures) -> torch.Tensor:
+    """``reference.soft_mask_distance``, differentiable (its backward is a Triton op too)."""
+    _require()
+    return torch.ops.worm_fast.triton_soft_mask_distance(values, window, thresholds, temperatures)
 
 
 def masked_sgd_step_(

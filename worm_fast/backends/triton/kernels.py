@@ -1,4 +1,4 @@
-"""Triton kernels of the five worm_fast ops (formulas: ``backends/reference.py``).
+"""Triton kernels of the worm_fast ops (formulas: ``backends/reference.py``).
 
 Conventions shared by every kernel:
 
@@ -305,6 +305,90 @@ def _masked_adamw_step_kernel(
         update = tl.where(kept, update, update * _from_bits(truncation_bits, param_ptr))
     p = p - lr / bias_correction1 * update
     tl.store(param_ptr + index, _to_storage(p, param_ptr), mask=inside)
+
+
+@triton.jit
+def _soft_mask_tile(
+    values_ptr,
+    window_ptr,
+    thresholds_ptr,
+    temperatures_ptr,
+    tensor_index,
+    segment_offset,
+    numel,
+    rows,
+    row_stride,
+    BLOCK: tl.constexpr,
+):
+    """This program's [BLOCK // 8, 8] tile of one tensor of soft_mask_distance: the values,
+    their soft masks s = sigmoid((|v| - t) / tau), how many window rows keep each (read
+    bit by bit from the tensor's segment of each row), tau, the indices and ``inside``."""
+    byte, bit, index = _byte_tile(BLOCK)
+    inside = index < numel
+    v = _to_acc(tl.load(values_ptr + index, mask=inside, other=0), values_ptr)
+    threshold = _to_acc(tl.load(thresholds_ptr + tensor_index), values_ptr)
+    temperature = _to_acc(tl.load(temperatures_ptr + tensor_index), values_ptr)
+    s = 1 / (1 + tl.exp((threshold - tl.abs(v)) / temperature))
+    kept = tl.zeros([BLOCK // 8, 8], dtype=tl.int32)
+    row_ptr = window_ptr + segment_offset
+    for _ in range(rows):
+        packed = tl.load(row_ptr + byte, mask=byte * 8 < numel, other=0)
+        kept += _bits_of(packed, bit).to(tl.int32)
+        # Advance the pointer rather than scale the row: no int32 product to overflow.
+        row_ptr += row_stride
+    return v, s, kept.to(v.dtype), temperature, index, inside
+
+
+@triton.jit
+def _soft_mask_distance_kernel(
+    values_ptr,
+    window_ptr,
+    thresholds_ptr,
+    temperatures_ptr,
+    partial_ptr,
+    tensor_index,
+    segment_offset,
+    partial_offset,
+    numel,
+    rows,
+    row_stride,
+    BLOCK: tl.constexpr,
+):
+    """partial[partial_offset + program] = the sum over this program's elements and the
+    rows of |s - bit|: of an element's terms, ``kept`` are 1 - s and the others s."""
+    _, s, kept, _, _, inside = _soft_mask_tile(
+        values_ptr, window_ptr, thresholds_ptr, temperatures_ptr, tensor_index,
+        segment_offset, numel, rows, row_stride, BLOCK,
+    )  # fmt: skip
+    terms = tl.where(inside, kept + s * (rows - 2 * kept), 0)
+    pid = tl.program_id(0).to(tl.int64)
+    tl.store(partial_ptr + partial_offset + pid, tl.sum(tl.sum(terms, axis=1), axis=0))
+
+
+@triton.jit
+def _soft_mask_distance_backward_kernel(
+    values_ptr,
+    window_ptr,
+    thresholds_ptr,
+    temperatures_ptr,
+    scale_ptr,  # the output's gradient / (rows * all elements), one element
+    grad_ptr,
+    tensor_index,
+    segment_offset,
+    numel,
+    rows,
+    row_stride,
+    BLOCK: tl.constexpr,
+):
+    """grad = scale * sign(v) * s (1 - s) / tau * (rows - 2 kept), in the values' dtype."""
+    v, s, kept, temperature, index, inside = _soft_mask_tile(
+        values_ptr, window_ptr, thresholds_ptr, temperatures_ptr, tensor_index,
+        segment_offset, numel, rows, row_stride, BLOCK,
+    )  # fmt: skip
+    scale = _to_acc(tl.load(scale_ptr), values_ptr)
+    sign = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)).to(v.dtype)
+    grad = scale * sign * (s * (1 - s) / temperature * (rows - 2 * kept))
+    tl.store(grad_ptr + index, _to_storage(grad, grad_ptr), mask=inside)
 
 
 # TRITON_INTERPRET=1 (read when the kernels above were decorated) runs them on the CPU.

@@ -29,6 +29,8 @@ from worm_fast.backends.triton.kernels import (
     _masked_adamw_step_kernel,
     _masked_sgd_step_kernel,
     _pack_mask_kernel,
+    _soft_mask_distance_backward_kernel,
+    _soft_mask_distance_kernel,
     _unpack_mask_kernel,
 )
 
@@ -42,6 +44,7 @@ UNPACK_BLOCK = 2048
 HAMMING_BLOCK_WORDS = 1024  # 64 Ki bits
 SGD_BLOCK = 1024
 ADAMW_BLOCK = 1024
+SOFT_MASK_BLOCK = 1024
 
 
 @triton_op(f"{NAMESPACE}::triton_pack_mask", mutates_args=())
@@ -305,6 +308,104 @@ def masked_adamw_step_(
         )
 
 
+@triton_op(f"{NAMESPACE}::triton_soft_mask_distance", mutates_args=())
+def soft_mask_distance(
+    values: list[torch.Tensor],
+    window: torch.Tensor,
+    thresholds: torch.Tensor,
+    temperatures: torch.Tensor,
+) -> torch.Tensor:
+    """``reference.soft_mask_distance``: one launch per tensor, one partial sum per
+    program, added by torch (in a fixed order, so the result does not vary by run)."""
+    launches, numel = _soft_mask_launches(values, window, thresholds, temperatures)
+    acc = torch.float64 if values[0].dtype == torch.float64 else torch.float32
+    programs = [triton.cdiv(launch[0].numel(), SOFT_MASK_BLOCK) for launch in launches]
+    partial = torch.zeros(sum(programs), dtype=acc, device=window.device)
+    first = 0
+    for (v, k, segment_offset), count in zip(launches, programs):
+        if count:
+            wrap_triton(_soft_mask_distance_kernel)[(count,)](
+                v, window, thresholds, temperatures, partial, k, segment_offset, first,
+                v.numel(), window.shape[0], window.stride(0), BLOCK=SOFT_MASK_BLOCK,
+            )  # fmt: skip
+        first += count
+    return partial.sum() / (window.shape[0] * numel)
+
+
+@triton_op(f"{NAMESPACE}::triton_soft_mask_distance_backward", mutates_args=())
+def soft_mask_distance_backward(
+    grad: torch.Tensor,
+    values: list[torch.Tensor],
+    window: torch.Tensor,
+    thresholds: torch.Tensor,
+    temperatures: torch.Tensor,
+) -> list[torch.Tensor]:
+    """``reference.soft_mask_distance_backward``: one launch per tensor."""
+    launches, numel = _soft_mask_launches(values, window, thresholds, temperatures)
+    _check_same_device("grad", grad, window.device)
+    _check_numel("grad", grad, 1)
+    acc = torch.float64 if values[0].dtype == torch.float64 else torch.float32
+    scale = (grad.to(acc) / (window.shape[0] * numel)).reshape(1)
+    grads = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in values]
+    for (v, k, segment_offset), out in zip(launches, grads):
+        if v.numel():
+            wrap_triton(_soft_mask_distance_backward_kernel)[
+                (triton.cdiv(v.numel(), SOFT_MASK_BLOCK),)
+            ](
+                v, window, thresholds, temperatures, scale, out, k, segment_offset, v.numel(),
+                window.shape[0], window.stride(0), BLOCK=SOFT_MASK_BLOCK,
+            )  # fmt: skip
+    return grads
+
+
+def _soft_mask_setup_context(ctx, inputs, output):
+    values, window, thresholds, temperatures = inputs
+    ctx.save_for_backward(window, thresholds, temperatures, *values)
+
+
+def _soft_mask_backward(ctx, grad):
+    window, thresholds, temperatures, *values = ctx.saved_tensors
+    grads = torch.ops.worm_fast.triton_soft_mask_distance_backward(
+        grad, values, window, thresholds, temperatures
+    )
+    return list(grads), None, None, None
+
+
+soft_mask_distance.register_autograd(_soft_mask_backward, setup_context=_soft_mask_setup_context)
+
+
+def _soft_mask_launches(values, window, thresholds, temperatures):
+    """(value, its index, its first byte in a window row) per tensor, and all elements;
+    checks what the kernels rely on (``worm_fast.ops`` validates the rest for users)."""
+    if not values:
+        raise ValueError("values must hold at least one tensor")
+    _check_device("window", window)
+    _check_uint8("window", window)
+    nbytes = sum(packed_nbytes(v.numel()) for v in values)
+    if window.dim() != 2 or window.shape[1] != nbytes or window.shape[0] < 1:
+        raise ValueError(
+            f"window must be [rows >= 1, {nbytes}] (the values' packed masks), got "
+            f"{tuple(window.shape)}"
+        )
+    if window.stride(1) != 1:
+        raise ValueError("window rows must be contiguous")
+    for name, constants in (("thresholds", thresholds), ("temperatures", temperatures)):
+        _check_same_device(name, constants, window.device)
+        _check_numel(name, constants, len(values))
+    launches, offset = [], 0
+    for k, v in enumerate(values):
+        _check_same_device(f"values[{k}]", v, window.device)
+        _check_contiguous(f"values[{k}]", v)
+        if v.dtype != values[0].dtype:
+            raise TypeError(f"values[{k}] is {v.dtype}, values[0] {values[0].dtype}")
+        launches.append((v, k, offset))
+        offset += packed_nbytes(v.numel())
+    numel = sum(v.numel() for v in values)
+    if numel == 0:
+        raise ValueError("values hold no elements")
+    return launches, numel
+
+
 # Fake kernels: shapes only (see the module docstring for why they are explicit).
 @pack_mask.register_fake
 def _(values, threshold):
@@ -331,13 +432,28 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
     return None
 
 
+@soft_mask_distance.register_fake
+def _(values, window, thresholds, temperatures):
+    return window.new_empty(
+        (), dtype=torch.float64 if values[0].dtype == torch.float64 else torch.float32
+    )
+
+
+@soft_mask_distance_backward.register_fake
+def _(grad, values, window, thresholds, temperatures):
+    return [torch.empty_like(v, memory_format=torch.contiguous_format) for v in values]
+
+
 def _opaque_when_interpreted(mode, op, types, args, kwargs):
     # Keep the op whole (as torch.export does) instead of decomposing into its kernels.
     return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
 if INTERPRETED:
-    for _op in (pack_mask, unpack_mask, hamming_window, masked_sgd_step_, masked_adamw_step_):
+    for _op in (
+        pack_mask, unpack_mask, hamming_window, masked_sgd_step_, masked_adamw_step_,
+        soft_mask_distance, soft_mask_distance_backward,
+    ):  # fmt: skip
         _op.register_torch_dispatch(FunctionalTensorMode, _opaque_when_interpreted)
 
 
