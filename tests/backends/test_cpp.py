@@ -4,9 +4,9 @@ Every op of ``_C`` is tested against the reference backend, with the other backe
 ``tests/ops/`` (``cpp`` on CPU tensors, and ``cuda`` on CUDA tensors when a GPU is
 present). Here: the extension is built and registered (a missing ``_C`` is a failure,
 not a skip: the Makefile builds it), the CPU loops follow torch's instruction set and
-the narrower ones match the reference too, what the C++ CPU kernels accept beyond the
-public ops (integer values, byte counts that are not whole words), and the argument
-checks and opcheck of ``torch.ops.worm_fast`` on every device ``_C`` runs on here.
+the narrower ones match the reference too; and, on every device ``_C`` runs on here,
+what its kernels accept beyond the public ops (integer values, byte counts that are not
+whole words), its argument checks and opcheck of ``torch.ops.worm_fast``.
 """
 
 import os
@@ -89,25 +89,32 @@ def test_extension_loads_before_or_after_the_schemas():
 
 
 # ---------------------------------------------------------------------------------------
-# What the C++ CPU kernels accept beyond the public ops.
+# What the kernels of _C accept beyond the public ops.
 
 
-def test_pack_mask_of_integer_values_compares_in_float32():
-    ints = torch.arange(-70, 70, dtype=torch.int32)
+def test_pack_mask_of_integer_values_compares_in_float32(device):
+    ints = torch.arange(-70, 70, dtype=torch.int32, device=device)
+    threshold = torch.tensor(9.5, device=device)
     assert torch.equal(
-        torch.ops.worm_fast.pack_mask(ints, torch.tensor(9.5)),
-        reference.pack_mask(ints, torch.tensor(9.5)),
+        torch.ops.worm_fast.pack_mask(ints, threshold), reference.pack_mask(ints, threshold)
     )
 
 
 @pytest.mark.parametrize("rows", (1, 5, 16))
-def test_hamming_window_of_a_byte_count_that_is_not_whole_words(rows):
-    current = random_bytes(13, seed=13)
-    window = random_bytes(rows, 13, seed=13 + rows)
-    window[0] = current
+def test_hamming_window_of_a_byte_count_that_is_not_whole_words(device, rows):
+    current = random_bytes(13, seed=13, device=device)
+    window = random_bytes(rows, 13, seed=13 + rows, device=device)
+    window[0] = current  # distance 0
+    if rows > 1:
+        window[1] = ~current  # every bit differs
     got = torch.ops.worm_fast.hamming_window(current, window)
     assert torch.equal(got, reference.hamming_window(current, window))
+    bits = reference.unpack_mask(current, 13 * 8)
+    expected = [(reference.unpack_mask(row, 13 * 8) != bits).sum().item() for row in window]
+    assert got.tolist() == expected
     assert got[0] == 0
+    if rows > 1:
+        assert got[1] == 13 * 8
 
 
 # ---------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def test_device_scalars(backend_device, dtype, scalars):
         hp["lr"] = 123.0
     kwargs = adamw_kwargs(**hp, **tensors)
     what = f"{dtype} {scalars}"
-    assert_matches_reference(kernels, backend, case, "random", what, steps=2, **kwargs)
+    for steps in (1, 2):  # one: the grads stay as they were
+        assert_matches_reference(kernels, backend, case, "random", what, steps=steps, **kwargs)
     if "lr_tensor" in tensors:
         with_tensor = run(kernels, case, "random", **kwargs)
         lr = kwargs.pop("lr_tensor").item()  # 0.05 rounded to the tensor's dtype

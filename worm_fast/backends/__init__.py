@@ -18,7 +18,8 @@ import torch
 
 NAMES = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "WORM_FAST_BACKEND"
-_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+# What ``auto`` tries for each device type, fastest first (anything else: reference).
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _resolve(choice: str, device_type: str) -> ModuleType:
     # Cached: every op call resolves, and after the forward and backward passes have
     # swept the caches the import machinery's Python code costs ~0.1 ms to run cold.
     if choice == "auto":
-        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
             status = _status(name)
             if status.available and _supports(status, device_type):
                 return _module(name)
