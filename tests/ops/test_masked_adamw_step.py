@@ -238,14 +238,16 @@ def test_empty_lists_and_empty_tensors(backend_device):
 # correctly rounded.
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
 def test_matches_torch_adamw(backend_device, dtype):
+    if interpreted(backend_device):
+        pytest.skip("tests/optim/test_adamw.py compares the interpreted kernels with torch")
     kernels = kernels_of(backend_device)
     backend, device = backend_device
-    sizes = ODD_SIZES if interpreted(backend_device) else (*ODD_SIZES, 50_000)
+    sizes = (*ODD_SIZES, 50_000)
     bitwise = backend == "cpp" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     # Our kernels take IEEE square roots; torch's CPU sqrt is IEEE-exact on some machines
     # only (MKL's vsSqrt is not on AMD CPUs), so parameters agree bit for bit only there.
     params_bitwise = bitwise and _torch_sqrt_is_correctly_rounded()
-    for hp in ADAMW_HYPERPARAMETERS[:: 4 if interpreted(backend_device) else 1]:
+    for hp in ADAMW_HYPERPARAMETERS:
         ours = [randn(n, dtype=dtype, seed=i, device=device) for i, n in enumerate(sizes)]
         theirs = [torch.nn.Parameter(p.clone()) for p in ours]
         states = [[torch.zeros_like(p) for p in ours] for _ in range(3)]
