@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from benchmarks.step_harness import fast_backend
 from benchmarks.timing import Timing, measure
 from worm_fast import EarlyBirdSearch, WormAdamW, WormSGD, ops
 from worm_fast.experiments.models import build_model
@@ -129,8 +130,6 @@ def run(
 
 def record(rec, device: torch.device, config, quick: bool) -> None:
     """Measure every case and add its rows to ``rec`` (``benchmarks.run.Recorder``)."""
-    from benchmarks.bench_sgd import fast_backend
-
     fast = fast_backend(device)
     backends = [fast, "reference"] if fast else ["reference"]
     found = run(device, backends, quick=quick, warmup=config.warmup,

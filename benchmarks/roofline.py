@@ -1,17 +1,21 @@
-"""The memory-bandwidth roofline: our own STREAM-style kernels (``stream.cpp``).
+"""The memory-bandwidth roofline: STREAM-style kernels, timed in the same run.
 
-copy (c = a) and triad (a = b + s c) as in STREAM, with non-temporal stores, and update
-(b = s b + c; a += s b, in place): the read/write mix of an SGD step with momentum. The
-roofline of the optimizer steps is the fastest of the three: the bandwidth the memory
-system demonstrably delivers. dot (sum of a b) only reads, and is the roofline of the
-read-only mask distances (on some machines reads alone stream far slower than a mix).
+``Stream`` (CPU): our own kernels (``stream.cpp``). copy (c = a) and triad (a = b + s c)
+as in STREAM, with non-temporal stores, and update (b = s b + c; a += s b, in place): the
+read/write mix of an SGD step with momentum. The roofline of the optimizer steps is the
+fastest of the three: the bandwidth the memory system demonstrably delivers. dot (sum of
+a b) only reads, and is the roofline of the read-only mask distances (on some machines
+reads alone stream far slower than a mix). Compiled at bench time
+(``torch.utils.cpp_extension``, rebuilt only when the source or flags change) and run on
+as many threads as torch's CPU kernels get, and on one: where one core nearly saturates
+memory, a thread that waits for a core another process holds costs a team of two more
+than it adds.
+
+``DeviceStream`` (GPU): copy, triad and dot as torch's device-to-device kernels on the
+GPU's memory (HBM).
+
 Byte counts are STREAM's (elements read + written, no write-allocate reads, which none
 of the kernels incurs): copy 8 per element, triad 12, update 20, dot 8.
-
-Compiled at bench time (``torch.utils.cpp_extension``, rebuilt only when the source or
-flags change) and run on as many threads as torch's CPU kernels get, and on one: where
-one core nearly saturates memory, a thread that waits for a core another process holds
-costs a team of two more than it adds.
 """
 
 import ctypes
@@ -29,6 +33,7 @@ _SOURCE = Path(__file__).with_name("stream.cpp")
 _NAME = "worm_bench_stream"
 BYTES_PER_ELEMENT = {"copy": 8, "triad": 12, "update": 20, "dot": 8}
 READ_ONLY = "dot"
+TRIAD_SCALAR = 3.0
 
 
 @functools.cache
@@ -71,7 +76,7 @@ class Stream:
         lib.stream_init(a, b, c, numel, teams[-1])
         kernels = {
             "copy": lambda t: lib.stream_copy(c, a, numel, t),
-            "triad": lambda t: lib.stream_triad(a, b, c, 3.0, numel, t),
+            "triad": lambda t: lib.stream_triad(a, b, c, TRIAD_SCALAR, numel, t),
             # Scale 0.5 keeps b bounded (b -> 2c) over the repetitions.
             "update": lambda t: lib.stream_update(a, b, c, 0.5, numel, t),
             "dot": lambda t: lib.stream_dot(a, b, numel, t),
@@ -88,4 +93,32 @@ class Stream:
     def measure(self, *, warmup: int, reps: int, budget_s: float | None) -> dict[str, Timing]:
         return measure(
             self.kernels, device=torch.device("cpu"), warmup=warmup, reps=reps, budget_s=budget_s
+        )
+
+
+class DeviceStream:
+    """copy (c = a), triad (a = b + s c) and dot (sum of a b) as torch ops on three float32
+    arrays of ``numel`` elements on ``device``: the roofline of a GPU's memory.
+
+    The same interface as ``Stream``; the kernels are named ``"{kernel}@{device type}"``.
+    Byte counts are STREAM's, as for ``Stream``.
+    """
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self.numel, self.device = numel, device
+        a, b, c = (torch.rand(numel, device=device) for _ in range(3))
+        self._arrays = [a, b, c]
+        kernels = {
+            "copy": lambda: c.copy_(a),
+            "triad": lambda: torch.add(b, c, alpha=TRIAD_SCALAR, out=a),
+            "dot": lambda: torch.dot(a, b),
+        }
+        self.kernels = {f"{name}@{device.type}": kernel for name, kernel in kernels.items()}
+
+    def bytes(self, name: str) -> int:
+        return BYTES_PER_ELEMENT[name.split("@")[0]] * self.numel
+
+    def measure(self, *, warmup: int, reps: int, budget_s: float | None) -> dict[str, Timing]:
+        return measure(
+            self.kernels, device=self.device, warmup=warmup, reps=reps, budget_s=budget_s
         )

@@ -1,9 +1,11 @@
 """Run every benchmark: ``python -m benchmarks.run [--quick] [--out DIR] [--threads N]``.
 
-Measures, in one process: the STREAM roofline (CPU), one SGD step on each parameter set
-for WormSGD and torch SGD, mask distances, and WORM-gradient's penalty per training
-step. Prints a table and the issue's targets (reported, never asserted: benchmarks are
-not tests) and writes ``results.json`` and
+Measures, in one process: the STREAM roofline (CPU kernels, or torch's copy, triad and
+dot on a GPU), one SGD and one AdamW step on each parameter set for worm_fast's
+optimizers and torch's (``step_harness`` with the providers of ``bench_sgd`` and
+``bench_adamw``), mask distances, and WORM-gradient's penalty per training step. Prints
+a table and the issue's targets (reported, never asserted: benchmarks are not tests)
+and writes ``results.json`` and
 ``results.csv`` to ``--out``.
 """
 
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -23,6 +26,7 @@ from benchmarks import (
     param_sets,
     results,
     roofline,
+    step_harness,
 )
 from benchmarks.timing import Timing, cache_flusher, last_level_cache_bytes
 from worm_fast import backends
@@ -42,19 +46,29 @@ class Settings:
     flush_bytes: int | None  # read before every timed call (None: twice the cache)
 
 
-def stream_numel() -> int:
+def stream_numel(device: torch.device) -> int:
     """Floats per STREAM array: at least 64M, and twice the last-level cache, so that
     no array (let alone the three) fits in any cache."""
-    return max(64 << 20, 2 * last_level_cache_bytes() // 4)
+    if device.type == "cuda":
+        cache = torch.cuda.get_device_properties(device).L2_cache_size
+    else:
+        cache = last_level_cache_bytes()
+    return max(64 << 20, 2 * cache // 4)
 
 
-def settings(quick: bool) -> Settings:
+def settings(quick: bool, device: torch.device) -> Settings:
     if quick:
         return Settings(
             1 << 20, 1 << 16, warmup=1, reps=3, reference_reps=1, budget_s=None, flush_bytes=1 << 20
         )
     return Settings(
-        stream_numel(), 1 << 24, warmup=2, reps=15, reference_reps=3, budget_s=30, flush_bytes=None
+        stream_numel(device),
+        1 << 24,
+        warmup=2,
+        reps=15,
+        reference_reps=3,
+        budget_s=30,
+        flush_bytes=None,
     )
 
 
@@ -108,7 +122,9 @@ class Recorder:
         return row
 
 
-def bench_stream(rec: Recorder, stream: roofline.Stream, config: Settings) -> list[str]:
+def bench_stream(
+    rec: Recorder, stream: roofline.Stream | roofline.DeviceStream, config: Settings
+) -> list[str]:
     """Measure every STREAM kernel: the fastest one that writes is the roofline of the
     optimizer steps, the read-only one that of the mask distances. Returns the fastest
     writing kernel of each thread count."""
@@ -138,22 +154,22 @@ def bench_stream(rec: Recorder, stream: roofline.Stream, config: Settings) -> li
 
 def bench_step(
     rec: Recorder,
+    bench: ModuleType,
     name: str,
     shapes: param_sets.Shapes,
     device: torch.device,
     config: Settings,
-    stream: roofline.Stream | None,
+    stream: roofline.Stream | roofline.DeviceStream,
     kernels: list[str],
     flush: Callable[[], object],
-    bench=bench_sgd,
-    benchmark: str = "sgd_step",
 ) -> None:
     """One optimizer step on ``shapes``: ``bench`` is ``bench_sgd`` or ``bench_adamw``."""
     # The best roofline kernels run in the same rounds as the optimizers, so that the
     # bandwidth or cores other processes take lower both alike; which thread count does
     # best depends on that load, hence one kernel of each.
-    alongside = {f"roofline:{k}": stream.kernels[k] for k in kernels} if stream else {}
-    case, found, timings = bench_sgd.run(
+    alongside = {f"roofline:{k}": stream.kernels[k] for k in kernels}
+    case, found, timings = step_harness.run(
+        bench,
         shapes,
         device,
         warmup=config.warmup,
@@ -162,19 +178,16 @@ def bench_step(
         budget_s=config.budget_s,
         alongside=alongside,
         flush=flush,
-        bench=bench,
     )
-    print(f"  {name}: {bench_sgd.describe(case)}", flush=True)
+    print(f"  {name}: {step_harness.describe(case)}", flush=True)
     fused = timings[bench.FUSED].median
     mask_mul = timings[bench.MASK_MUL].median
-    measured = {k: timings.pop(f"roofline:{k}") for k in kernels if stream}
-    roofline_gbps = None
-    if measured:
-        roofline_gbps = max(stream.bytes(k) / t.median / 1e9 for k, t in measured.items())
-        rec.rooflines[name] = roofline_gbps
+    measured = {k: timings.pop(f"roofline:{k}") for k in kernels}
+    roofline_gbps = max(stream.bytes(k) / t.median / 1e9 for k, t in measured.items())
+    rec.rooflines[name] = roofline_gbps
     for kernel, timing in measured.items():
         rec.add(
-            benchmark,
+            bench.BENCHMARK,
             f"roofline:{kernel}",
             name,
             timing,
@@ -184,12 +197,12 @@ def bench_step(
         )
     for provider, timing in timings.items():
         rec.add(
-            benchmark,
+            bench.BENCHMARK,
             provider,
             name,
             timing,
             numel=case.numel,
-            nbytes=bench.step_bytes(case, found[provider].truncates),
+            nbytes=step_harness.step_bytes(bench, case, found[provider].truncates),
             roofline_gbps=roofline_gbps,
             vs_fused=fused / timing.median,
             vs_mask_mul=mask_mul / timing.median,
@@ -200,8 +213,7 @@ def bench_step(
 def bench_masks(
     rec: Recorder, bits: int, device: torch.device, config: Settings, flush: Callable[[], object]
 ) -> None:
-    fast = bench_sgd.fast_backend(device)
-    names = [fast, "reference"] if fast else ["reference"]
+    names = [*step_harness.compiled_backends(device), "reference"]
     read, timings = bench_hamming.run(
         bits,
         HAMMING_WINDOW,
@@ -229,7 +241,7 @@ def bench_masks(
 
 def targets(rec: Recorder, device: torch.device) -> list[dict]:
     """The issue's targets, each with the value measured and whether it is met."""
-    fast = bench_sgd.fast_backend(device)
+    fast = step_harness.fast_backend(device)
     if fast is None:
         return [{"target": "WormSGD targets", "met": None, "note": "no compiled backend"}]
     ours = bench_sgd.OURS.format(backend=fast)
@@ -248,7 +260,7 @@ def targets(rec: Recorder, device: torch.device) -> list[dict]:
         )
 
     for row in rec.rows:
-        if row.benchmark == "sgd_step" and row.provider == ours:
+        if row.benchmark == bench_sgd.BENCHMARK and row.provider == ours:
             check(
                 "time vs fused torch SGD (speedup >= 1/1.05)",
                 row.param_set,
@@ -258,12 +270,12 @@ def targets(rec: Recorder, device: torch.device) -> list[dict]:
             check("speedup vs torch SGD + _foreach_mul_", row.param_set, row.vs_mask_mul, 1.5)
             if row.param_set.startswith("tensor-"):
                 check("fraction of the roofline", row.param_set, row.roofline_fraction, 0.85)
-        if row.benchmark == "sgd_step" and row.provider == bench_sgd.FUSED:
+        if row.benchmark == bench_sgd.BENCHMARK and row.provider == bench_sgd.FUSED:
             # A roofline is only one if the best torch kernel stays under it.
             check(
                 "roofline / fused torch SGD GB/s (>= 1: a valid roofline)",
                 row.param_set,
-                rec.rooflines[row.param_set] / row.gbps if rec.rooflines else None,
+                rec.rooflines[row.param_set] / row.gbps,
                 1.0,
             )
         if row.benchmark == "hamming_window" and row.provider == f"hamming_window_{fast}":
@@ -286,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = settings(args.quick)
+    config = settings(args.quick, device)
     info = results.machine()
     rec = Recorder(device, info)
     start = time.perf_counter()
@@ -299,21 +311,20 @@ def main(argv: list[str] | None = None) -> None:
             "the cores, expect noisy numbers"
         )
 
-    stream, best = None, []
-    if device.type == "cpu":  # STREAM measures host memory: no roofline for a GPU here
-        print("roofline (STREAM) ...", flush=True)
+    print("roofline (STREAM) ...", flush=True)
+    if device.type == "cpu":
         stream = roofline.Stream(config.stream_numel)
-        best = bench_stream(rec, stream, config)
+    else:
+        stream = roofline.DeviceStream(config.stream_numel, device)
+    best = bench_stream(rec, stream, config)
     flush = cache_flusher(device, config.flush_bytes)
-    print("SGD step ...", flush=True)
-    for name, shapes in param_sets.for_run(args.quick).items():
-        bench_step(rec, name, shapes, device, config, stream, best, flush)
-    print("AdamW step ...", flush=True)
-    for name, shapes in param_sets.for_run(args.quick).items():
-        if name != "bert-base":  # 3 GB of AdamW state per provider: too slow for 2 cores
-            bench_step(
-                rec, name, shapes, device, config, stream, best, flush, bench_adamw, "adamw_step"
-            )
+    for bench in (bench_sgd, bench_adamw):
+        print(f"{bench.BENCHMARK} ...", flush=True)
+        for name, shapes in param_sets.for_run(args.quick).items():
+            # BERT-base's 3 GB of AdamW state per provider: too slow for a few CPU cores.
+            if bench is bench_adamw and name == "bert-base" and device.type == "cpu":
+                continue
+            bench_step(rec, bench, name, shapes, device, config, stream, best, flush)
     print("mask distances ...", flush=True)
     bench_masks(rec, config.hamming_bits, device, config, flush)
     print("WORM-gradient penalty vs a training step ...", flush=True)

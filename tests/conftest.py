@@ -8,6 +8,8 @@
 * ``backend_device``: every (backend, device type) pair that ``worm_fast.available()``
   reports as runnable here, so that each op test runs every kernel that can run — the
   CUDA and Triton kernels included, the day a GPU is present.
+* Every test that runs on CUDA tensors (a ``backend_device`` or ``device`` parameter of
+  "cuda") is marked ``gpu``: ``make test`` leaves them out, ``make gpu-check`` runs them.
 """
 
 import os
@@ -30,3 +32,13 @@ from tests.utils import RUNNABLE_BACKENDS  # noqa: E402  (after TRITON_INTERPRET
 def backend_device(request) -> tuple[str, str]:
     """``(backend name, device type)``, e.g. ``("cpp", "cpu")`` or ``("triton", "cuda")``."""
     return request.param
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        params = getattr(item, "callspec", None)
+        params = params.params if params is not None else {}
+        backend_device = params.get("backend_device", (None, None))
+        if "cuda" in (backend_device[1], params.get("device")):
+            item.add_marker(pytest.mark.gpu)

@@ -1,10 +1,13 @@
-"""The benchmark code runs end to end (``--quick``: tiny sizes). Speed is not checked:
-benchmarks are not tests (DESIGN §4)."""
+"""The benchmark code runs end to end (``--quick``: tiny sizes), and ``gpu_check``'s
+plumbing. Speed is not checked: benchmarks are not tests (DESIGN §4)."""
 
 import csv
 import json
 
-from benchmarks import results
+import pytest
+import torch
+
+from benchmarks import gpu_check, results, roofline
 from benchmarks.run import main
 
 
@@ -29,3 +32,35 @@ def test_quick_run_writes_json_and_upserts_csv(tmp_path):
         table = list(csv.DictReader(file))
     assert len(table) == len(rows)
     assert [float(r["median_ms"]) for r in table if r["provider"] == rows[0]["provider"]] == [123.0]
+
+
+def test_device_roofline_kernels_run_on_any_device():
+    stream = roofline.DeviceStream(1 << 16, torch.device("cpu"))
+    timings = stream.measure(warmup=1, reps=5, budget_s=None)
+    assert set(timings) == {"copy@cpu", "triad@cpu", "dot@cpu"}
+    assert stream.bytes("triad@cpu") == 12 * (1 << 16)
+    assert all(t.median > 0 for t in timings.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_check_without_a_gpu_says_so_and_succeeds(capsys, tmp_path):
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    assert "no CUDA device here" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+def test_gpu_check_reads_the_test_report(tmp_path):
+    report = tmp_path / "tests.xml"
+    report.write_text(
+        '<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.ops.test_pack_mask" name="test_a[cuda-cuda]"/>'
+        '<testcase classname="tests.ops.test_pack_mask" name="test_b[cuda-cuda]">'
+        "<failure>boom</failure></testcase>"
+        '<testcase classname="t" name="c"><skipped/></testcase><testcase classname="t" name="d"/>'
+        "</testsuite></testsuites>"
+    )
+    counts = gpu_check._junit_counts(report)
+    assert counts == {
+        "tests": 4, "failures": 1, "errors": 0, "skipped": 1, "passed": 2,
+        "failed": ["tests.ops.test_pack_mask::test_b[cuda-cuda]"],
+    }  # fmt: skip

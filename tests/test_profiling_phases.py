@@ -9,7 +9,7 @@ import pytest
 
 from worm_fast.profiling import phases
 from worm_fast.profiling.energy import EnergyMeter
-from worm_fast.profiling.flops import OpCost
+from worm_fast.profiling.op_costs import OpCost
 from worm_fast.profiling.phases import PhaseProfiler
 
 PACKAGE = "intel-rapl:0"

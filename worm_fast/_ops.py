@@ -62,6 +62,9 @@ _SCHEMAS = {
     ),
 }
 
+# Every op, by name: each backend implements them all (``backends.reference`` is the oracle).
+OP_NAMES = tuple(_SCHEMAS)
+
 for _name, _schema in _SCHEMAS.items():
     torch.library.define(f"{NAMESPACE}::{_name}", _schema)
 

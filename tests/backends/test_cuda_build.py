@@ -21,6 +21,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+from worm_fast._ops import OP_NAMES
+
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
@@ -208,8 +210,7 @@ def test_cuda_build_registers_every_op_for_cuda():
 
     if not _C.WITH_CUDA:
         pytest.skip("worm_fast._C was built without CUDA (no toolkit, or WORM_FAST_NO_CUDA)")
-    ops = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_")
-    for op in ops:
+    for op in OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", "CPU"), op
 

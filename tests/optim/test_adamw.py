@@ -1,21 +1,27 @@
-"""WormAdamW against torch.optim.AdamW (no mask) and an independent truncation oracle."""
+"""WormAdamW against torch.optim.AdamW (no mask) and an independent truncation oracle, on
+every runnable (backend, device) where the test is about the step's numbers."""
 
 import copy
 import io
-import itertools
 
 import pytest
 import torch
 
-from tests.optim.test_sgd import fill_grads, make_params, random_masks, run
-from tests.utils import ODD_SIZES, VS_TORCH_HALF_TOLERANCES, assert_close
+from tests.utils import (
+    ADAMW_HYPERPARAMETERS,
+    DTYPES,
+    ODD_SIZES,
+    VS_TORCH_HALF_TOLERANCES,
+    assert_close,
+    fill_grads,
+    interpreted,
+    make_params,
+    random_bool_masks,
+    run_steps,
+)
 from worm_fast import WormAdamW
 
-BACKENDS = ("reference", "cpp", "triton")
-HYPERPARAMETERS = [
-    dict(weight_decay=wd, amsgrad=ams, maximize=mx)
-    for wd, ams, mx in itertools.product((0.0, 1e-2), (False, True), (False, True))
-]
+HYPERPARAMETERS = ADAMW_HYPERPARAMETERS
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -30,33 +36,34 @@ def assert_same_adam_state(opt, ours, ref, theirs, what, **tol):
         assert float(opt.state[a]["step"]) == float(ref.state[e]["step"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hp", HYPERPARAMETERS, ids=lambda hp: "-".join(map(str, hp.values())))
-def test_matches_torch_adamw_without_mask(backend, hp):
-    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    for dtype in dtypes if backend != "triton" else (torch.float32, torch.bfloat16):
-        ours = make_params(ODD_SIZES, dtype)
+def test_matches_torch_adamw_without_mask(backend_device, hp):
+    backend, device = backend_device
+    for dtype in (torch.float32, torch.bfloat16) if interpreted(backend_device) else DTYPES:
+        ours = make_params(ODD_SIZES, dtype, device=device)
         # fp16 AdamW in torch overflows (eps = 1e-8 is 0 in fp16): compare fp16 with fp32.
-        theirs = make_params(ODD_SIZES, torch.float32 if dtype == torch.float16 else dtype)
+        theirs_dtype = torch.float32 if dtype == torch.float16 else dtype
+        theirs = make_params(ODD_SIZES, theirs_dtype, device=device)
         opt = WormAdamW(ours, lr=0.01, backend=backend, **hp)
         ref = torch.optim.AdamW(theirs, lr=0.01, foreach=False, **hp)
-        run(opt, ours, steps=3)
-        run(ref, theirs, steps=3)
+        run_steps(opt, ours, steps=3)
+        run_steps(ref, theirs, steps=3)
         tol = VS_TORCH_HALF_TOLERANCES.get(dtype, {})
         assert_same_adam_state(opt, ours, ref, theirs, f"{backend} {dtype} {hp}", **tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("density", (0.0, 1.0, 0.37))
-def test_truncation_scales_the_adam_update(backend, density):
+def test_truncation_scales_the_adam_update(backend_device, density):
     """Gradients do not depend on the weights here, so the moments, and so each step's
     AdamW update u_t, are the same as torch's; truncation scales u_t of pruned elements:
     p_t = p_{t-1} (1 - lr wd) + (m + r (1 - m)) u_t."""
+    backend, device = backend_device
     r, lr, wd = 3e-3, 0.01, 1e-2
-    ours, theirs = make_params(ODD_SIZES, torch.float64), make_params(ODD_SIZES, torch.float64)
-    if backend == "triton":
-        ours, theirs = make_params((65, 7), torch.float32), make_params((65, 7), torch.float32)
-    masks = random_masks(ours, density)
+    sizes, dtype = ODD_SIZES, torch.float64
+    if interpreted(backend_device):
+        sizes, dtype = (65, 7), torch.float32
+    ours, theirs = (make_params(sizes, dtype, device=device) for _ in range(2))
+    masks = random_bool_masks(ours, density)
     opt = WormAdamW(ours, lr=lr, weight_decay=wd, backend=backend)
     opt.set_truncation(masks, r)
     ref = torch.optim.AdamW(theirs, lr=lr, weight_decay=wd)
@@ -79,12 +86,12 @@ def test_state_dict_resume_gives_identical_trajectory():
     hp = dict(lr=0.01, weight_decay=1e-2, amsgrad=True)
     straight = make_params((63, 4097), torch.float32)
     opt = WormAdamW(straight, **hp)
-    opt.set_truncation(random_masks(straight, 0.5), 3e-3)
-    run(opt, straight, steps=6)
+    opt.set_truncation(random_bool_masks(straight, 0.5), 3e-3)
+    run_steps(opt, straight, steps=6)
 
     resumed = make_params((63, 4097), torch.float32)
     first = WormAdamW(resumed, **hp)
-    first.set_truncation(random_masks(resumed, 0.5), 3e-3)
+    first.set_truncation(random_bool_masks(resumed, 0.5), 3e-3)
     for step in range(3):
         fill_grads(resumed, step)
         first.step()
@@ -105,7 +112,7 @@ def test_state_dict_resume_gives_identical_trajectory():
 def test_torch_adamw_state_dict_loads_both_ways():
     ours, theirs = make_params((7, 65), torch.float32), make_params((7, 65), torch.float32)
     ref = torch.optim.AdamW(theirs, lr=0.01)
-    run(ref, theirs, steps=2)
+    run_steps(ref, theirs, steps=2)
     opt = WormAdamW(ours, lr=0.01)
     opt.load_state_dict(copy.deepcopy(ref.state_dict()))
     with torch.no_grad():
@@ -113,20 +120,20 @@ def test_torch_adamw_state_dict_loads_both_ways():
             p.copy_(q)
     back = torch.optim.AdamW(make_params((7, 65), torch.float32), lr=0.01)
     back.load_state_dict(copy.deepcopy(opt.state_dict()))
-    run(opt, ours, steps=2, seed=1)
-    run(ref, theirs, steps=2, seed=1)
+    run_steps(opt, ours, steps=2, seed=1)
+    run_steps(ref, theirs, steps=2, seed=1)
     assert_same_adam_state(opt, ours, ref, theirs, "after loading torch AdamW state")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_scaler_skips_inf_steps_and_their_step_count(backend):
-    ours, theirs = make_params((65,), torch.float32), make_params((65,), torch.float32)
+def test_grad_scaler_skips_inf_steps_and_their_step_count(backend_device):
+    backend, device = backend_device
+    ours, theirs = (make_params((65,), torch.float32, device=device) for _ in range(2))
     opt = WormAdamW(ours, lr=0.01, backend=backend)
     ref = torch.optim.AdamW(theirs, lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
     generator = torch.Generator().manual_seed(0)
     for step in range(3):
-        coefficients = torch.randn(65, generator=generator)
+        coefficients = torch.randn(65, generator=generator).to(device)
         if step == 1:
             coefficients[3] = float("inf")
         opt.zero_grad()
@@ -142,7 +149,7 @@ def test_grad_scaler_skips_inf_steps_and_their_step_count(backend):
 def test_bad_truncation_input_leaves_state_unchanged():
     params = make_params((65,), torch.float32)
     opt = WormAdamW(params, lr=0.01)
-    run(opt, params, steps=1)
+    run_steps(opt, params, steps=1)
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match="packed uint8 mask of 16 bytes"):
         opt.set_truncation({params[0]: torch.zeros(3, dtype=torch.uint8)}, 0.1)

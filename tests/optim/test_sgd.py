@@ -1,4 +1,5 @@
-"""WormSGD against torch.optim.SGD (no mask) and the reference backend (with masks)."""
+"""WormSGD against torch.optim.SGD (no mask) and the reference backend (with masks), on
+every runnable (backend, device) where the test is about the step's numbers."""
 
 import copy
 import io
@@ -7,46 +8,23 @@ import itertools
 import pytest
 import torch
 
-from tests.utils import ODD_SIZES, VS_TORCH_HALF_TOLERANCES, assert_close
+from tests.utils import (
+    DTYPES,
+    ODD_SIZES,
+    TORCH_SGD_HYPERPARAMETERS,
+    VS_TORCH_HALF_TOLERANCES,
+    assert_close,
+    fill_grads,
+    interpreted,
+    kernels_vs_reference,
+    make_params,
+    random_bool_masks,
+    run_steps,
+)
 from worm_fast import WormSGD, ops
 
-CPU_BACKENDS = ("reference", "cpp", "triton")
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-# Every valid combination of torch SGD's hyperparameters (nesterov needs momentum and
-# no dampening).
-HYPERPARAMETERS = [
-    dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
-    for m, d, n, wd, mx in itertools.product(
-        (0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 1e-2), (False, True)
-    )
-    if not (n and (m == 0 or d != 0))
-]
-
-
-def make_params(sizes, dtype, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.nn.Parameter(torch.randn(n, generator=generator, dtype=torch.float64).to(dtype))
-        for n in sizes
-    ]
-
-
-def fill_grads(params, step, seed=0):
-    generator = torch.Generator().manual_seed(seed * 1000 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype)
-
-
-def random_masks(params, density, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return {p: torch.rand(p.shape, generator=generator) < density for p in params}
-
-
-def run(optimizer, params, steps=4, seed=0):
-    for step in range(steps):
-        fill_grads(params, step, seed)
-        optimizer.step()
+# Every valid combination of torch SGD's hyperparameters.
+HYPERPARAMETERS = TORCH_SGD_HYPERPARAMETERS
 
 
 def assert_same_state(actual_opt, actual, expected_opt, expected, what, **tol):
@@ -60,38 +38,42 @@ def assert_same_state(actual_opt, actual, expected_opt, expected, what, **tol):
             assert_close(buf_a, buf_e, what=f"{what}: momentum buffer {i}", **tol)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("hp", HYPERPARAMETERS, ids=lambda hp: "-".join(map(str, hp.values())))
-def test_matches_torch_sgd_without_mask(backend, hp):
-    dtypes = DTYPES if backend != "triton" else (torch.float32, torch.bfloat16)
+def test_matches_torch_sgd_without_mask(backend_device, hp):
+    backend, device = backend_device
+    dtypes = (torch.float32, torch.bfloat16) if interpreted(backend_device) else DTYPES
     for dtype in dtypes:
-        ours, theirs = make_params(ODD_SIZES, dtype), make_params(ODD_SIZES, dtype)
+        ours, theirs = (
+            make_params(ODD_SIZES, dtype, device=device),
+            make_params(ODD_SIZES, dtype, device=device),
+        )
         opt = WormSGD(ours, lr=0.05, backend=backend, **hp)
         ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **hp)
-        run(opt, ours, steps=3)
-        run(ref, theirs, steps=3)
+        run_steps(opt, ours, steps=3)
+        run_steps(ref, theirs, steps=3)
         tol = VS_TORCH_HALF_TOLERANCES.get(dtype, {})
         assert_same_state(opt, ours, ref, theirs, f"{backend} {dtype} {hp}", **tol)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_r_equal_one_is_plain_sgd(backend):
-    ours, theirs = make_params((65, 4097), torch.float32), make_params((65, 4097), torch.float32)
+def test_r_equal_one_is_plain_sgd(backend_device):
+    backend, device = backend_device
+    ours, theirs = (make_params((65, 4097), torch.float32, device=device) for _ in range(2))
     opt = WormSGD(ours, lr=0.1, momentum=0.9, backend=backend)
-    opt.set_truncation(random_masks(ours, 0.5), r=1.0)
+    opt.set_truncation(random_bool_masks(ours, 0.5), r=1.0)
     ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
-    run(opt, ours)
-    run(ref, theirs)
+    run_steps(opt, ours)
+    run_steps(ref, theirs)
     assert_same_state(opt, ours, ref, theirs, backend)
 
 
 @pytest.mark.parametrize("density", (0.0, 1.0, 0.37))
-def test_truncation_scales_the_raw_gradient(density):
+def test_truncation_scales_the_raw_gradient(backend_device, density):
     """Independent oracle: torch SGD fed gradients already multiplied by m + r(1 - m)."""
+    backend, device = backend_device
     r, hp = 3e-3, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
-    ours, theirs = make_params(ODD_SIZES, torch.float64), make_params(ODD_SIZES, torch.float64)
-    masks = random_masks(ours, density)
-    opt = WormSGD(ours, **hp)
+    ours, theirs = (make_params(ODD_SIZES, torch.float64, device=device) for _ in range(2))
+    masks = random_bool_masks(ours, density)
+    opt = WormSGD(ours, backend=backend, **hp)
     opt.set_truncation(masks, r)
     ref = torch.optim.SGD(theirs, **hp)
     for step in range(4):
@@ -101,22 +83,23 @@ def test_truncation_scales_the_raw_gradient(density):
             q.grad.mul_(torch.full_like(q.grad, r).masked_fill_(masks[p], 1.0))
         opt.step()
         ref.step()
-    assert_same_state(opt, ours, ref, theirs, f"density {density}")
+    assert_same_state(opt, ours, ref, theirs, f"{backend} density {density}")
 
 
-@pytest.mark.parametrize("backend", ("cpp", "triton"))
 @pytest.mark.parametrize("density", (0.0, 1.0, 0.5))
-def test_backends_match_reference_with_masks(backend, density):
-    dtypes = DTYPES if backend != "triton" else (torch.float32, torch.float16)
+def test_backends_match_reference_with_masks(backend_device, density):
+    kernels_vs_reference(backend_device)  # skips the reference itself: the oracle here
+    backend, device = backend_device
+    dtypes = (torch.float32, torch.float16) if interpreted(backend_device) else DTYPES
     for dtype, hp in itertools.product(dtypes, HYPERPARAMETERS[::5]):
-        ours, ref = make_params(ODD_SIZES, dtype), make_params(ODD_SIZES, dtype)
+        ours, ref = (make_params(ODD_SIZES, dtype, device=device) for _ in range(2))
         opt = WormSGD(ours, lr=0.05, backend=backend, **hp)
         oracle = WormSGD(ref, lr=0.05, backend="reference", **hp)
-        masks = random_masks(ours, density, seed=3)
+        masks = random_bool_masks(ours, density, seed=3)
         opt.set_truncation(masks, 3e-3)
         oracle.set_truncation({q: masks[p] for p, q in zip(ours, ref)}, 3e-3)
-        run(opt, ours, steps=3)
-        run(oracle, ref, steps=3)
+        run_steps(opt, ours, steps=3)
+        run_steps(oracle, ref, steps=3)
         assert_same_state(opt, ours, oracle, ref, f"{backend} {dtype} {hp}")
 
 
@@ -124,12 +107,12 @@ def test_state_dict_resume_gives_identical_trajectory():
     hp = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3)
     straight = make_params((63, 4097), torch.float32)
     opt = WormSGD(straight, **hp)
-    opt.set_truncation(random_masks(straight, 0.5), 3e-3)
-    run(opt, straight, steps=6)
+    opt.set_truncation(random_bool_masks(straight, 0.5), 3e-3)
+    run_steps(opt, straight, steps=6)
 
     resumed = make_params((63, 4097), torch.float32)
     first = WormSGD(resumed, **hp)
-    first.set_truncation(random_masks(resumed, 0.5), 3e-3)
+    first.set_truncation(random_bool_masks(resumed, 0.5), 3e-3)
     for step in range(3):
         fill_grads(resumed, step)
         first.step()
@@ -152,7 +135,7 @@ def test_state_dict_resume_gives_identical_trajectory():
 def test_torch_sgd_state_dict_loads_both_ways():
     ours, theirs = make_params((7, 65), torch.float32), make_params((7, 65), torch.float32)
     ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
-    run(ref, theirs, steps=2)
+    run_steps(ref, theirs, steps=2)
     opt = WormSGD(ours, lr=0.1, momentum=0.9)
     opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # load aliases the tensors
     with torch.no_grad():
@@ -161,21 +144,21 @@ def test_torch_sgd_state_dict_loads_both_ways():
     back = torch.optim.SGD(make_params((7, 65), torch.float32), lr=0.1, momentum=0.9)
     back.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert back.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
-    run(opt, ours, steps=2, seed=1)
-    run(ref, theirs, steps=2, seed=1)
+    run_steps(opt, ours, steps=2, seed=1)
+    run_steps(ref, theirs, steps=2, seed=1)
     assert_same_state(opt, ours, ref, theirs, "after loading torch SGD state")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_grad_scaler_unscales_and_skips_inf_steps(backend):
+def test_grad_scaler_unscales_and_skips_inf_steps(backend_device):
+    backend, device = backend_device
     hp = dict(lr=0.1, momentum=0.9)
-    ours, theirs = make_params((65,), torch.float32), make_params((65,), torch.float32)
+    ours, theirs = (make_params((65,), torch.float32, device=device) for _ in range(2))
     opt = WormSGD(ours, backend=backend, **hp)
     ref = torch.optim.SGD(theirs, **hp)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
     generator = torch.Generator().manual_seed(0)
     for step in range(3):
-        coefficients = torch.randn(65, generator=generator)  # d loss / d param
+        coefficients = torch.randn(65, generator=generator).to(device)  # d loss / d param
         if step == 1:  # an overflowing step: nothing may change
             coefficients[3] = float("inf")
         opt.zero_grad()
@@ -194,12 +177,13 @@ def test_grad_scaler_unscales_and_skips_inf_steps(backend):
     assert_same_state(opt, ours, ref, theirs, f"{backend} with GradScaler")
 
 
-def test_tensor_lr_and_channels_last_params():
-    conv = torch.nn.Conv2d(3, 5, 3).to(memory_format=torch.channels_last)
-    twin = torch.nn.Conv2d(3, 5, 3)
+def test_tensor_lr_and_channels_last_params(backend_device):
+    backend, device = backend_device
+    conv = torch.nn.Conv2d(3, 5, 3).to(device=device, memory_format=torch.channels_last)
+    twin = torch.nn.Conv2d(3, 5, 3).to(device)
     twin.load_state_dict(conv.state_dict())
     assert not conv.weight.is_contiguous()
-    opt = WormSGD(conv.parameters(), lr=torch.tensor(0.05), momentum=0.9)
+    opt = WormSGD(conv.parameters(), lr=torch.tensor(0.05), momentum=0.9, backend=backend)
     ref = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
     for step in range(3):
         fill_grads(list(twin.parameters()), step)
@@ -207,7 +191,8 @@ def test_tensor_lr_and_channels_last_params():
             p.grad = q.grad.clone().to(memory_format=torch.preserve_format)
         opt.step()
         ref.step()
-    assert_same_state(opt, list(conv.parameters()), ref, list(twin.parameters()), "channels_last")
+    twin_params = list(twin.parameters())
+    assert_same_state(opt, list(conv.parameters()), ref, twin_params, f"{backend} channels_last")
 
 
 def test_params_without_grad_are_skipped_and_get_no_state():
@@ -224,7 +209,7 @@ class TestBadInput:
         self.opt = WormSGD(self.params, lr=0.1, momentum=0.9)
         fill_grads(self.params, 0)
         self.opt.step()
-        self.opt.set_truncation(random_masks(self.params, 0.5), 0.5)
+        self.opt.set_truncation(random_bool_masks(self.params, 0.5), 0.5)
         self.snapshot = self._state()
 
     def _state(self):

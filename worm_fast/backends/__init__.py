@@ -1,7 +1,8 @@
 """Kernel backends and how one is chosen.
 
-Every backend exposes the same four functions (``pack_mask``, ``unpack_mask``,
-``hamming_window``, ``masked_sgd_step_``) with the signatures of ``worm_fast._ops``.
+Every backend exposes one function per op of ``worm_fast._ops.OP_NAMES`` (``pack_mask``,
+``unpack_mask``, ``hamming_window``, ``masked_sgd_step_``, ``masked_adamw_step_``) with
+the signature of ``backends.reference``.
 ``auto`` picks the fastest one for the tensors' device: CPU → ``cpp``, CUDA → ``cuda``
 then ``triton``, anything else → ``reference``. ``WORM_FAST_BACKEND`` or a ``backend=``
 argument forces one.
@@ -17,7 +18,8 @@ import torch
 
 NAMES = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "WORM_FAST_BACKEND"
-_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+# What ``auto`` tries for each device type, fastest first (anything else: reference).
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def _resolve(choice: str, device_type: str) -> ModuleType:
     # Cached: every op call resolves, and after the forward and backward passes have
     # swept the caches the import machinery's Python code costs ~0.1 ms to run cold.
     if choice == "auto":
-        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
             status = _status(name)
             if status.available and _supports(status, device_type):
                 return _module(name)

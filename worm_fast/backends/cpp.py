@@ -6,6 +6,7 @@ dispatcher, so the functions here are plain calls to ``torch.ops.worm_fast``.
 
 import torch
 
+from worm_fast._ops import OP_NAMES
 from worm_fast.backends import BackendStatus
 
 try:
@@ -15,18 +16,13 @@ try:
 except ImportError as error:  # the package still works on the reference backend
     LOAD_ERROR = f"worm_fast._C is not built ({error}); build it with `pip install -e .`"
 
-_OPS = (
-    "pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_",
-    "soft_mask_distance", "soft_mask_distance_backward",
-)  # fmt: skip
-
 
 def missing_kernels(dispatch_key: str) -> list[str]:
     """The ops ``_C`` has no ``dispatch_key`` (CPU, CUDA) kernel for; calls to them fall
     through to the reference kernel, registered for every device."""
     return [
         op
-        for op in _OPS
+        for op in OP_NAMES
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"worm_fast::{op}", dispatch_key)
     ]
 

@@ -24,8 +24,8 @@ from worm_fast.profiling import (
     adamw_step_cost,
     mask_check_cost,
     model_flops,
-    optimizer_step_cost,
     penalty_step_cost,
+    sgd_step_cost,
 )
 from worm_fast.search import EarlyBirdSearch
 
@@ -208,8 +208,8 @@ class _Costs:
     """Model FLOPs per sample (counted once per architecture on the meta device) and
     optimizer costs, added to the profiler per epoch.
 
-    Text samples are counted at the training set's mean length (padding excluded). The
-    optimizer's FLOPs and bytes have a formula for SGD only: AdamW runs count model FLOPs.
+    Text samples are counted at the training set's mean length (padding excluded); the
+    optimizer step's FLOPs and bytes come from ``sgd_step_cost`` or ``adamw_step_cost``.
     """
 
     def __init__(self, workload: Workload, config: RunConfig):
@@ -226,7 +226,7 @@ class _Costs:
     def count_epoch(self, profiler, model, steps: int, masked_numel: int) -> None:
         train, _ = self._per_sample(model)
         if self.config.optimizer == "sgd":
-            step_cost = optimizer_step_cost(
+            step_cost = sgd_step_cost(
                 model.parameters(), momentum=self.config.momentum, masked_numel=masked_numel,
                 weight_decay=self.config.weight_decay,
             )  # fmt: skip

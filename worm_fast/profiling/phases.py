@@ -8,10 +8,11 @@
 
 Each phase records wall time (CUDA synchronized at its edges), steps, the model FLOPs and
 the optimizer and mask-op FLOPs and bytes the caller adds (computed once with
-``profiling.flops`` and multiplied, never counted live), energy per source from an
-``EnergyMeter``, and peak memory. The report has a row per phase and a "total" row that is
-the sum of the phases (for CUDA peak memory, their maximum). CO2 is reported only when the
-grid's carbon intensity and the data centre's PUE are both given.
+``profiling.flops`` and ``profiling.op_costs`` and multiplied, never counted live),
+energy per source from an ``EnergyMeter``, and peak memory. The report has a row per
+phase and a "total" row that is the sum of the phases (for CUDA peak memory, their
+maximum). CO2 is reported only when the grid's carbon intensity and the data centre's
+PUE are both given.
 """
 
 import csv
@@ -27,7 +28,7 @@ from time import perf_counter
 import torch
 
 from worm_fast.profiling.energy import EnergyMeter, EnergyReading
-from worm_fast.profiling.flops import OpCost
+from worm_fast.profiling.op_costs import OpCost
 
 JOULES_PER_KWH = 3.6e6
 TOTAL = "total"

@@ -5,6 +5,8 @@ on CPU tensors in Triton's interpreter: slow, but it lets CI without a GPU prove
 against the reference backend.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from worm_fast.backends import BackendStatus
@@ -22,7 +24,6 @@ __all__ = [
     "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",
-    "soft_mask_distance",
     "status",
     "unpack_mask",
 ]
@@ -40,111 +41,22 @@ def status() -> BackendStatus:
     return BackendStatus("triton", False, reason, ("cuda",))
 
 
-def pack_mask(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    _require()
-    return torch.ops.worm_fast.triton_pack_mask(values, threshold)
+def _kernel(name: str) -> Callable:
+    """The op ``worm_fast::triton_<name>``: the signature of ``backends.reference.<name>``
+    (its optional scalar tensors may be passed by keyword, as every caller does), or,
+    without triton, a function that says why it cannot run."""
+    if LOAD_ERROR is None:
+        return getattr(torch.ops.worm_fast, f"triton_{name}")
 
-
-def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    _require()
-    return torch.ops.worm_fast.triton_unpack_mask(packed, numel)
-
-
-def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    _require()
-    return torch.ops.worm_fast.triton_hamming_window(current, window)
-
-
-def soft_mask_distance(values, window, thresholds, temperatures) -> torch.Tensor:
-    """``reference.soft_mask_distance``, differentiable (its backward is a Triton op too)."""
-    _require()
-    return torch.ops.worm_fast.triton_soft_mask_distance(values, window, thresholds, temperatures)
-
-
-def masked_sgd_step_(
-    params,
-    grads,
-    momentum_buffers,
-    masks,
-    *,
-    lr,
-    weight_decay,
-    momentum,
-    dampening,
-    nesterov,
-    maximize,
-    is_first_step,
-    truncation,
-    lr_tensor=None,
-    grad_scale=None,
-    found_inf=None,
-):
-    """``reference.masked_sgd_step_`` (same signature), one kernel launch per tensor."""
-    _require()
-    torch.ops.worm_fast.triton_masked_sgd_step_(
-        params,
-        grads,
-        momentum_buffers,
-        masks,
-        lr_tensor,
-        grad_scale,
-        found_inf,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
-        is_first_step=is_first_step,
-        truncation=truncation,
-    )
-
-
-def masked_adamw_step_(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    masks,
-    *,
-    lr,
-    beta1,
-    beta2,
-    weight_decay,
-    eps,
-    amsgrad,
-    maximize,
-    truncation,
-    lr_tensor=None,
-    grad_scale=None,
-    found_inf=None,
-):
-    """``reference.masked_adamw_step_`` (same signature), one kernel launch per tensor."""
-    _require()
-    torch.ops.worm_fast.triton_masked_adamw_step_(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        masks,
-        lr_tensor,
-        grad_scale,
-        found_inf,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        eps=eps,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        truncation=truncation,
-    )
-
-
-def _require() -> None:
-    if LOAD_ERROR is not None:
+    def unavailable(*args, **kwargs):
         raise RuntimeError(f"the triton backend is not available: {LOAD_ERROR}")
+
+    return unavailable
+
+
+pack_mask = _kernel("pack_mask")
+unpack_mask = _kernel("unpack_mask")
+hamming_window = _kernel("hamming_window")
+masked_sgd_step_ = _kernel("masked_sgd_step_")
+masked_adamw_step_ = _kernel("masked_adamw_step_")
+soft_mask_distance = _kernel("soft_mask_distance")  # differentiable: its backward is a Triton op
