@@ -3,13 +3,18 @@
 Validation happens here, once, before any kernel runs, so bad input raises a clear
 error and never leaves parameters or buffers half-updated. ``backend`` is ``None``
 (``$WORM_FAST_BACKEND`` or auto), or one of ``worm_fast.backends.NAMES``.
+
+A caller that makes several step calls which must all happen or none (an optimizer
+with several devices or dtypes) validates them all first with ``prepare_masked_sgd_step``
+/ ``prepare_masked_adamw_step``, which return the launch without running it.
 """
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 
-from worm_fast import _ops
+from worm_fast import _checks, _ops
 from worm_fast.backends import reference, resolve  # reference: registers default kernels
 
 packed_nbytes = _ops.packed_nbytes
@@ -20,6 +25,8 @@ __all__ = [
     "masked_sgd_step_",
     "pack_mask",
     "packed_nbytes",
+    "prepare_masked_adamw_step",
+    "prepare_masked_sgd_step",
     "unpack_mask",
 ]
 
@@ -33,6 +40,8 @@ def pack_mask(
     if values.dtype == torch.bool:
         values = values.to(torch.float32)
     threshold = torch.as_tensor(threshold, device=values.device)
+    if threshold.is_complex() or threshold.dtype == torch.bool:
+        raise TypeError(f"pack_mask: threshold must be a real number, got {threshold.dtype}")
     if threshold.numel() != 1:
         raise ValueError(
             f"pack_mask: threshold must be a scalar, got shape {tuple(threshold.shape)}"
@@ -71,7 +80,7 @@ def hamming_window(
     return resolve(backend, window.device).hamming_window(current.contiguous(), window.contiguous())
 
 
-def masked_sgd_step_(
+def prepare_masked_sgd_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor],
@@ -89,15 +98,12 @@ def masked_sgd_step_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-) -> None:
-    """One fused SGD step with WORM truncation, in place (formula: ``reference``).
+) -> Callable[[], None]:
+    """Validate the arguments of :func:`masked_sgd_step_` now; return the step, to run later.
 
-    All tensors must be on one device. ``momentum_buffers`` is empty when
-    ``momentum == 0``; ``masks`` is empty or holds one packed mask (or None) per param.
-    Non-contiguous parameters or buffers (e.g. channels_last weights) are updated
-    through contiguous copies.
+    The step reads the tensors when it runs; it may fail only if they change in between.
     """
-    _fused_step(
+    return _fused_step(
         "masked_sgd_step_",
         params,
         grads,
@@ -113,7 +119,7 @@ def masked_sgd_step_(
     )  # fmt: skip
 
 
-def masked_adamw_step_(
+def prepare_masked_adamw_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
@@ -134,13 +140,11 @@ def masked_adamw_step_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-) -> None:
-    """One fused AdamW step with WORM truncation, in place (formula: ``reference``).
-
-    ``state_steps`` are float32 scalar tensors on the params' device, incremented here
-    (not when ``found_inf`` is set); ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
-    """
-    _fused_step(
+) -> Callable[[], None]:
+    """Validate the arguments of :func:`masked_adamw_step_` now; return the step, to run later."""
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        _checks.check_fraction(f"masked_adamw_step_: {name}", beta, closed=False)
+    return _fused_step(
         "masked_adamw_step_",
         params,
         grads,
@@ -161,8 +165,39 @@ def masked_adamw_step_(
     )  # fmt: skip
 
 
-def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend) -> None:
-    """Validate a fused optimizer step's inputs, stage strided tensors, run the kernel.
+def masked_sgd_step_(*args, **kwargs) -> None:
+    """One fused SGD step with WORM truncation, in place (formula: ``reference``).
+
+    All tensors must be on one device. ``momentum_buffers`` is empty when
+    ``momentum == 0``; ``masks`` is empty or holds one packed mask (or None) per param.
+    Non-contiguous parameters or buffers (e.g. channels_last weights) are updated
+    through contiguous copies. Arguments: those of :func:`prepare_masked_sgd_step`.
+    """
+    prepare_masked_sgd_step(*args, **kwargs)()
+
+
+def masked_adamw_step_(*args, **kwargs) -> None:
+    """One fused AdamW step with WORM truncation, in place (formula: ``reference``).
+
+    ``state_steps`` are float32 scalar tensors on the params' device, incremented here
+    (not when ``found_inf`` is set); ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
+    Arguments: those of :func:`prepare_masked_adamw_step`.
+    """
+    prepare_masked_adamw_step(*args, **kwargs)()
+
+
+# The same signatures as the prepare functions, for help() and editors.
+masked_sgd_step_.__signature__ = inspect.signature(prepare_masked_sgd_step).replace(
+    return_annotation=None
+)
+masked_adamw_step_.__signature__ = inspect.signature(prepare_masked_adamw_step).replace(
+    return_annotation=None
+)
+
+
+def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend):
+    """Validate a fused optimizer step's inputs; return the launch that stages strided
+    tensors, runs the kernel and writes the staged tensors back.
 
     ``states`` maps a state's name to (its tensors, whether the step uses it); a used
     state has one tensor per param, an unused one none. ``"step"`` holds scalar counters.
@@ -171,7 +206,7 @@ def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend) 
     states = {name: (list(tensors_), used) for name, (tensors_, used) in states.items()}
     _check_step_inputs(op, params, grads, states, masks, scalars["truncation"])
     if not params:
-        return
+        return lambda: None
     device = params[0].device
     for name, tensor in tensors.items():
         if tensor is not None and (tensor.numel() != 1 or tensor.device != device):
@@ -181,24 +216,27 @@ def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend) 
             )
     kernel = getattr(resolve(backend, device), op)
 
-    # Kernels need contiguous storage; stage any strided tensor and write it back after.
-    originals = params + [t for tensors_, _ in states.values() for t in tensors_]
-    staged = [t if t.is_contiguous() else t.contiguous() for t in originals]
-    staged_states, at = [], len(params)
-    for tensors_, _ in states.values():
-        staged_states.append(staged[at : at + len(tensors_)])
-        at += len(tensors_)
-    kernel(
-        staged[: len(params)],
-        [g.contiguous() for g in grads],
-        *staged_states,
-        masks,
-        **scalars,
-        **{name: None if t is None else t.reshape(1) for name, t in tensors.items()},
-    )
-    for original, work in zip(originals, staged):
-        if work is not original:
-            original.copy_(work)
+    def launch() -> None:
+        # Kernels need contiguous storage; stage any strided tensor, write it back after.
+        originals = params + [t for tensors_, _ in states.values() for t in tensors_]
+        staged = [t if t.is_contiguous() else t.contiguous() for t in originals]
+        staged_states, at = [], len(params)
+        for tensors_, _ in states.values():
+            staged_states.append(staged[at : at + len(tensors_)])
+            at += len(tensors_)
+        kernel(
+            staged[: len(params)],
+            [g.contiguous() for g in grads],
+            *staged_states,
+            masks,
+            **scalars,
+            **{name: None if t is None else t.reshape(1) for name, t in tensors.items()},
+        )
+        for original, work in zip(originals, staged):
+            if work is not original:
+                original.copy_(work)
+
+    return launch
 
 
 def _check_packed(packed: torch.Tensor, numel: int, what: str) -> None:
@@ -224,15 +262,20 @@ def _check_step_inputs(op, params, grads, states, masks, truncation):
             f"{op}: masks must be empty or one per param ({len(params)}), got {len(masks)}"
         )
     device = params[0].device if params else None
+    written = []
     for i, (param, grad) in enumerate(zip(params, grads)):
-        if not param.is_floating_point():
-            raise TypeError(f"{op}: param {i} must be floating point, got {param.dtype}")
+        if param.dtype not in _checks.STEP_DTYPES:
+            raise TypeError(
+                f"{op}: param {i} must be float32, float64, float16 or bfloat16, got {param.dtype}"
+            )
         if grad.is_sparse or param.is_sparse:
             raise RuntimeError(f"{op}: param {i} has a sparse gradient; not supported")
         others = [("grad", grad)]
         for name, (tensors, used) in states.items():
             if used:
                 others.append((name, tensors[i]))
+                written.append((f"{name} {i}", tensors[i]))
+        written.append((f"param {i}", param))
         if masks and masks[i] is not None:
             _check_packed(masks[i], param.numel(), f"{op}: mask {i}")
             others.append(("mask", masks[i]))
@@ -255,3 +298,12 @@ def _check_step_inputs(op, params, grads, states, masks, truncation):
                     f"{op}: {what} {i} is {tensor.dtype}{tuple(tensor.shape)}, "
                     f"param is {param.dtype}{tuple(param.shape)}"
                 )
+    for what, tensor in written:
+        # A strided view with stride 0 (expand) cannot take the staged result back.
+        if not tensor.is_contiguous() and torch._debug_has_internal_overlap(tensor) == 1:
+            raise ValueError(
+                f"{op}: {what} has elements that share memory (e.g. an expanded tensor); "
+                "it cannot be updated in place (clone it first)"
+            )
+    if device is not None and device.type != "meta":
+        _checks.check_distinct([(f"{op}: {what}", tensor) for what, tensor in written])

@@ -286,8 +286,11 @@ def test_masked_sgd_step_rejects_bad_input_before_changing_anything():
 def test_mask_ops_reject_bad_input():
     with pytest.raises(ValueError, match="holds 8 bits, asked for 9"):
         backend.unpack_mask(_random_bytes(1), 9)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        backend.hamming_window(_random_bytes(4), _random_bytes(2, 4))
+    # Any byte count, as on every backend (the packed-mask padding is ops.py's rule).
+    current, window = _random_bytes(4), _random_bytes(2, 4, seed=1)
+    assert torch.equal(
+        backend.hamming_window(current, window), reference.hamming_window(current, window)
+    )
     with pytest.raises(TypeError, match="window must be a uint8"):
         backend.hamming_window(_random_bytes(8), _randn(2, 8))
     with pytest.raises(ValueError, match="threshold must have one element"):
