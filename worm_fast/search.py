@@ -7,8 +7,17 @@ mask is the ticket; else if the window is full, the mode is ``worm`` and
 ``d_avg < stop_distance + trigger_margin``, truncation ``r`` switches on. Then the
 optimizer gets the newest mask with the ``r`` now in force, so the training after the
 trigger check is already truncated and every later check refreshes the mask.
+
+Every check, and the constructor and ``load_state_dict``, first verifies everything it
+relies on and changes nothing when it raises: a search never advances its window, ``r``
+or trigger and then fails. Representative values that are not finite (a diverged
+training) stop the search with :class:`NonFiniteError` instead of a NaN threshold's
+all-pruned, "converged" mask.
 """
 
+import math
+import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -21,6 +30,51 @@ from worm_fast.presets import PAPER_CNN
 from worm_fast.representative import select as select_representative
 
 MODES = ("eb", "truncate", "worm")
+# Warn (once) when a mask keeps more than this fraction of the elements (and at least two
+# elements) fewer or more than 1 - prune_ratio: ties at the threshold, see compute_masks.
+TIE_TOLERANCE = 0.01
+
+
+class NonFiniteError(FloatingPointError):
+    """The representative parameters hold NaN or inf: the training diverged, and no mask
+    over them means anything. Raised by :meth:`EarlyBirdSearch.check`."""
+
+
+def check_settings(
+    *,
+    mode: str,
+    prune_ratio: float,
+    stop_distance: float,
+    window: int,
+    trigger_margin: float,
+    truncation: float,
+    scope: str = "global",
+    ties: str = "early_bird",
+) -> None:
+    """Raise ValueError naming the first search setting out of range (Algorithm 1)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, value in (
+        ("prune_ratio", prune_ratio),
+        ("stop_distance", stop_distance),
+        ("trigger_margin", trigger_margin),
+        ("truncation", truncation),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    mask_ops.check_prune_ratio(prune_ratio)
+    if not (math.isfinite(stop_distance) and stop_distance > 0):
+        raise ValueError(f"stop_distance must be a finite number > 0, got {stop_distance}")
+    if not (math.isfinite(trigger_margin) and trigger_margin >= 0):
+        raise ValueError(f"trigger_margin must be a finite number >= 0, got {trigger_margin}")
+    if not 0.0 <= truncation <= 1.0:
+        raise ValueError(f"truncation must be in [0, 1], got {truncation}")
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 2:
+        raise ValueError(f"window must be an integer >= 2 (masks compared), got {window!r}")
+    if scope not in mask_ops.SCOPES:
+        raise ValueError(f"scope must be one of {mask_ops.SCOPES}, got {scope!r}")
+    if ties not in mask_ops.TIES:
+        raise ValueError(f"ties must be one of {mask_ops.TIES}, got {ties!r}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +129,15 @@ class EarlyBirdSearch:
         truncation: the factor r for pruned elements' gradients once triggered.
         scope: one threshold over all representative parameters (``global``, as the
             original Early-Bird code) or one per tensor (``per_tensor``).
+        ties: ``early_bird`` (elements equal to the threshold are pruned, as the original
+            code does; a warning says when that prunes far more than ``prune_ratio``) or
+            ``exact`` (exactly that fraction pruned, ties by index); see
+            :func:`worm_fast.masks.compute_masks`.
         representative: preset or name patterns, see :mod:`worm_fast.representative`.
+
+    In modes ``truncate`` and ``worm`` the optimizer must hold every representative
+    parameter (it truncates their updates). Representative parameters must keep their
+    shapes and device while the search runs.
 
     The defaults are the paper's CNN settings (:data:`worm_fast.presets.PAPER_CNN`);
     ``EarlyBirdSearch(model, opt, **PAPER_TRANSFORMER.kwargs())`` gives its BERT ones.
@@ -93,28 +155,10 @@ class EarlyBirdSearch:
         trigger_margin: float = PAPER_CNN.trigger_margin,
         truncation: float = PAPER_CNN.truncation,
         scope: str = "global",
+        ties: str = "early_bird",
         representative: str | Iterable[str] = PAPER_CNN.representative,
         backend: str | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "eb" and not hasattr(optimizer, "set_truncation"):
-            raise TypeError(
-                f"mode {mode!r} truncates gradients and needs an optimizer with "
-                f"set_truncation (worm_fast.WormSGD), got {type(optimizer).__name__}"
-            )
-        mask_ops.check_prune_ratio(prune_ratio)
-        if scope not in mask_ops.SCOPES:
-            raise ValueError(f"scope must be one of {mask_ops.SCOPES}, got {scope!r}")
-        if not 0.0 <= truncation <= 1.0:
-            raise ValueError(f"truncation must be in [0, 1], got {truncation}")
-        if stop_distance <= 0 or trigger_margin < 0:
-            raise ValueError(
-                f"stop_distance must be > 0 and trigger_margin >= 0, got {stop_distance} "
-                f"and {trigger_margin}"
-            )
-        self.params = select_representative(model_or_params, representative)
-        self.optimizer = optimizer
         self.config = dict(
             mode=mode,
             prune_ratio=prune_ratio,
@@ -123,16 +167,31 @@ class EarlyBirdSearch:
             trigger_margin=trigger_margin,
             truncation=truncation,
             scope=scope,
+            ties=ties,
         )
+        check_settings(**self.config)
+        if mode != "eb" and not hasattr(optimizer, "set_truncation"):
+            raise TypeError(
+                f"mode {mode!r} truncates gradients and needs an optimizer with "
+                f"set_truncation (worm_fast.WormSGD), got {type(optimizer).__name__}"
+            )
+        self.params = select_representative(model_or_params, representative)
+        self._shapes = {name: p.shape for name, p in self.params.items()}
+        self._device = _common_device(self.params)
+        if mode != "eb":
+            _check_optimizer_holds(optimizer, self.params, mode)
+        self.optimizer = optimizer
         self.backend = backend
         numel = sum(p.numel() for p in self.params.values())
-        device = next(iter(self.params.values())).device
-        self.window = mask_ops.MaskWindow(window, numel, device)
+        if numel == 0:
+            raise ValueError("the representative parameters have no elements")
+        self.window = mask_ops.MaskWindow(window, numel, self._device)
         self.r = 1.0
         self.triggered_at: int | None = None  # the check that switched truncation on
         self.records: list[CheckRecord] = []
         self.ticket: Ticket | None = None
         self._newest: list[torch.Tensor] = []
+        self._warned_about_ties = False
 
     @property
     def converged(self) -> bool:
@@ -143,27 +202,38 @@ class EarlyBirdSearch:
         return self.config["mode"]
 
     def check(self) -> CheckRecord:
-        """Run one check of Algorithm 1 and return what it saw and decided."""
+        """Run one check of Algorithm 1 and return what it saw and decided.
+
+        Raises :class:`NonFiniteError` if a representative value is NaN or inf, and
+        ValueError if a representative parameter changed shape or device; either way
+        the search is left as it was.
+        """
         if self.converged:
             raise RuntimeError(
                 f"the search converged at check {self.ticket.epoch}; its ticket is in .ticket"
             )
+        self._check_parameters_unchanged()
         cfg = self.config
-        self._newest = mask_ops.compute_masks(
-            list(self.params.values()),
-            cfg["prune_ratio"],
-            scope=cfg["scope"],
-            backend=self.backend,
+        tensors = list(self.params.values())
+        newest = mask_ops.compute_masks(
+            tensors, cfg["prune_ratio"], scope=cfg["scope"], ties=cfg["ties"], backend=self.backend
         )
-        self.window.push(self._newest)
-        distances = self.window.distances()
-        d_max = d_avg = None
-        if distances.numel():
-            # The one host round trip of a check: the stop / trigger decision.
-            d_max, d_avg = torch.stack([distances.max(), distances.mean()]).tolist()
+        row = torch.cat(newest)
+        differing = self.window.differing_bits(row)
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
+        kept = ops.hamming_window(row, torch.zeros_like(row).unsqueeze(0))  # set bits
+        # The one host round trip of a check: finiteness, kept count, differing bits.
+        is_finite, kept_count, *counts = torch.cat(
+            [finite.reshape(1).double(), kept.double(), differing.double()]
+        ).tolist()
+        if not is_finite:
+            raise NonFiniteError(self._non_finite_message())
 
+        numel = self.window.numel
+        d_max = max(counts) / numel if counts else None
+        d_avg = sum(counts) / len(counts) / numel if counts else None
         epoch = len(self.records) + 1
-        full = self.window.full
+        full = self.window.count + 1 >= self.window.length
         converged = full and d_max < cfg["stop_distance"]
         worm_trigger = (
             cfg["mode"] == "worm"
@@ -171,15 +241,19 @@ class EarlyBirdSearch:
             and not converged
             and d_avg < cfg["stop_distance"] + cfg["trigger_margin"]
         )
-        if self.triggered_at is None and (cfg["mode"] == "truncate" or worm_trigger):
-            self.r, self.triggered_at = cfg["truncation"], epoch
-        triggered = self.triggered_at == epoch
+        r, triggered_at = self.r, self.triggered_at
+        if triggered_at is None and (cfg["mode"] == "truncate" or worm_trigger):
+            r, triggered_at = cfg["truncation"], epoch
+        if triggered_at is not None:  # checked and applied at once, or not at all
+            self.optimizer.set_truncation(dict(zip(tensors, newest)), r, packed=True)
+
+        self.window.push(row)
+        self.r, self.triggered_at, self._newest = r, triggered_at, newest
         if converged:
             self.ticket = self.candidate()
-        self._hand_masks_to_optimizer()
-
-        record = CheckRecord(epoch, d_max, d_avg, self.r, triggered, converged, full)
+        record = CheckRecord(epoch, d_max, d_avg, r, triggered_at == epoch, converged, full)
         self.records.append(record)
+        self._warn_about_ties(int(kept_count))
         return record
 
     def candidate(self) -> Ticket:
@@ -191,9 +265,55 @@ class EarlyBirdSearch:
         packed = {name: m.clone() for name, m in zip(self.params, self._newest)}
         return Ticket(self.window.count, packed, shapes)  # count: checks that made a mask
 
-    def _hand_masks_to_optimizer(self) -> None:
-        if self.triggered_at is not None:
-            self.optimizer.set_truncation(dict(zip(self.params.values(), self._newest)), self.r)
+    def _check_parameters_unchanged(self) -> None:
+        for name, param in self.params.items():
+            if param.shape != self._shapes[name]:
+                raise ValueError(
+                    f"representative parameter {name!r} has shape {tuple(param.shape)}, but "
+                    f"{tuple(self._shapes[name])} when the search began; the search compares "
+                    "masks over fixed parameters"
+                )
+            if param.device != self._device:
+                raise ValueError(
+                    f"representative parameter {name!r} is on {param.device}, but the "
+                    f"search's masks are on {self._device}; move the model before creating "
+                    "the search"
+                )
+
+    def _non_finite_message(self) -> str:
+        bad = {
+            name: (int((~torch.isfinite(p.detach())).sum()), p.numel())
+            for name, p in self.params.items()
+        }
+        listed = ", ".join(f"{name}: {n} of {total}" for name, (n, total) in bad.items() if n)
+        return (
+            f"EarlyBirdSearch check {len(self.records) + 1}: representative parameters hold "
+            f"NaN or inf values ({listed}); the training diverged (is the learning rate too "
+            "large?). No mask was computed from them, the search's state is unchanged and "
+            "there is no ticket."
+        )
+
+    def _warn_about_ties(self, kept: int) -> None:
+        if self.config["ties"] != "early_bird" or self._warned_about_ties:
+            return
+        p = self.config["prune_ratio"]
+        sizes = [self.window.numel] if self.config["scope"] == "global" else [
+            t.numel() for t in self.params.values()
+        ]  # fmt: skip
+        expected = sum(n - int(n * p) for n in sizes)
+        total = self.window.numel
+        if abs(kept - expected) > max(2, math.ceil(TIE_TOLERANCE * total)):
+            self._warned_about_ties = True
+            warnings.warn(
+                f"EarlyBirdSearch check {len(self.records)}: the mask keeps {kept} of {total} "
+                f"representative elements ({kept / total:.1%}), not {1 - p:.1%}: many "
+                "magnitudes equal the threshold (a check at initialization, frozen "
+                "BatchNorm γ, low-precision weights) and the Early-Bird rule prunes them "
+                "all. Pass ties='exact' to prune exactly prune_ratio of them (this "
+                "warning is given once per search).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- state ------------------------------------------------------------------------
 
@@ -210,20 +330,81 @@ class EarlyBirdSearch:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume an interrupted search; the next check continues exactly where it left off."""
-        if state["config"] != self.config or state["names"] != list(self.params):
+        """Resume an interrupted search; the next check continues exactly where it left off.
+
+        Everything saved is checked (and the truncation handed to the optimizer) before
+        anything of this search changes.
+        """
+        config = {"ties": "early_bird", **state["config"]}  # saved before `ties` existed
+        if config != self.config or state["names"] != list(self.params):
             raise ValueError(
                 "EarlyBirdSearch.load_state_dict: the saved search has a different "
                 f"configuration or representative parameters ({state['config']}, "
                 f"{len(state['names'])} parameters) than this one ({self.config}, "
                 f"{len(self.params)} parameters)"
             )
-        self.window.load_state_dict(state["window"])
-        self.r = float(state["r"])
-        self.triggered_at = state["triggered_at"]
-        self.records = [CheckRecord(**record) for record in state["records"]]
-        device = next(iter(self.params.values())).device
-        self._newest = [m.to(device) for m in state["newest"]]
-        self.ticket = None if state["ticket"] is None else Ticket(**state["ticket"])
-        if self._newest and self.optimizer is not None:
-            self._hand_masks_to_optimizer()
+        window = mask_ops.MaskWindow(self.window.length, self.window.numel, self._device)
+        window.load_state_dict(state["window"])
+        r, triggered_at = state["r"], state["triggered_at"]
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"EarlyBirdSearch.load_state_dict: r must be in [0, 1], got {r}")
+        if triggered_at is not None and not (
+            isinstance(triggered_at, int) and 1 <= triggered_at <= len(state["records"])
+        ):
+            raise ValueError(
+                f"EarlyBirdSearch.load_state_dict: triggered_at must be None or one of the "
+                f"{len(state['records'])} checks, got {triggered_at!r}"
+            )
+        try:
+            records = [CheckRecord(**record) for record in state["records"]]
+            ticket = None if state["ticket"] is None else Ticket(**state["ticket"])
+        except TypeError as error:
+            message = f"EarlyBirdSearch.load_state_dict: bad record or ticket: {error}"
+            raise ValueError(message) from None
+        newest = [m.to(self._device) for m in state["newest"]]
+        if newest and len(newest) != len(self.params):
+            raise ValueError(
+                f"EarlyBirdSearch.load_state_dict: {len(newest)} saved masks for "
+                f"{len(self.params)} representative parameters"
+            )
+        for (name, param), mask in zip(self.params.items(), newest):
+            expected = ops.packed_nbytes(param.numel())
+            if mask.dtype != torch.uint8 or mask.shape != (expected,):
+                raise ValueError(
+                    f"EarlyBirdSearch.load_state_dict: the saved mask of {name!r} is "
+                    f"{mask.dtype} of shape {tuple(mask.shape)}, expected {expected} packed "
+                    "uint8 bytes"
+                )
+        if newest and triggered_at is not None and self.optimizer is not None:
+            self.optimizer.set_truncation(dict(zip(self.params.values(), newest)), r, packed=True)
+        self.window, self.r, self.triggered_at = window, float(r), triggered_at
+        self.records, self._newest, self.ticket = records, newest, ticket
+
+
+def _common_device(params: Mapping[str, torch.Tensor]) -> torch.device:
+    """The one device of the representative parameters (floating point, every one)."""
+    devices = {}
+    for name, param in params.items():
+        if not param.is_floating_point():
+            raise TypeError(
+                f"representative parameter {name!r} has dtype {param.dtype}; the search "
+                "ranks magnitudes of floating-point weights"
+            )
+        devices.setdefault(param.device, name)
+    if len(devices) > 1:
+        listed = ", ".join(f"{name!r} on {device}" for device, name in devices.items())
+        raise ValueError(f"the representative parameters must be on one device, got {listed}")
+    return next(iter(devices))
+
+
+def _check_optimizer_holds(optimizer, params: Mapping[str, torch.Tensor], mode: str) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, param in params.items() if id(param) not in held]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(
+            f"mode {mode!r} truncates the updates of the representative parameters through "
+            f"the optimizer, which does not hold {shown}{more}; build it over the model's "
+            "parameters (e.g. WormSGD(model.parameters(), ...))"
+        )
