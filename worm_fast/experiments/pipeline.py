@@ -7,7 +7,9 @@ truncation, for ``retrain_epochs``. CNNs and text models share this loop; what d
 (model, data, how a batch goes through the model, the optimizer) is the run's
 :class:`~worm_fast.experiments.workloads.Workload`. Every epoch becomes a row handed to
 ``on_row`` as soon as it ends, so a caller can persist results of finished epochs if the
-run is interrupted.
+run is interrupted. A run whose training diverges (the search raises
+:class:`~worm_fast.search.NonFiniteError`) is marked ``failed``, with the reason, before
+the error propagates: it never prunes or reports a ticket.
 """
 
 from collections.abc import Callable
@@ -26,9 +28,13 @@ from worm_fast.profiling import (
     model_flops,
     optimizer_step_cost,
 )
-from worm_fast.search import EarlyBirdSearch
+from worm_fast.search import EarlyBirdSearch, NonFiniteError
 
-__all__ = ["RunConfig", "RunResult", "run"]
+__all__ = ["RunConfig", "RunResult", "SetupError", "check_setup", "run"]
+
+
+class SetupError(ValueError):
+    """A run cannot start with its configuration (found before any training)."""
 
 
 @dataclass
@@ -36,8 +42,30 @@ class RunResult:
     config: dict
     rows: list[dict] = field(default_factory=list)  # one per epoch (and one for pruning)
     metrics: dict = field(default_factory=dict)
-    status: str = "running"  # running | complete | interrupted
+    status: str = "running"  # running | complete | interrupted | failed
     profile: dict = field(default_factory=dict)  # PhaseProfiler.to_dict()
+    error: str | None = None  # why the run failed
+
+
+def make_search(config: RunConfig, model, optimizer) -> EarlyBirdSearch:
+    """The run's Early-Bird / WORM search over ``model`` (settings from ``config``)."""
+    return EarlyBirdSearch(
+        model, optimizer, mode=config.mode, prune_ratio=config.prune_ratio,
+        stop_distance=config.stop_distance, window=config.window,
+        trigger_margin=config.trigger_margin, truncation=config.truncation,
+        scope=config.scope, ties=config.ties, representative=config.representative,
+        backend=None if config.backend == "auto" else config.backend,
+    )  # fmt: skip
+
+
+def check_setup(config: RunConfig, model) -> None:
+    """Build the optimizer and search of a run over ``model`` (its initial weights), so
+    that a setting the model cannot satisfy (a representative pattern that matches
+    nothing, ...) stops before any training, as :class:`SetupError`. Changes nothing."""
+    try:
+        make_search(config, model, make_optimizer(config, model.parameters()))
+    except (ValueError, TypeError) as error:
+        raise SetupError(str(error)) from error
 
 
 def _restore_epochs(pre: float, pruned: float, retrain_accuracies: list[float]) -> int | None:
@@ -71,13 +99,7 @@ def run(
 
     # -- search ---------------------------------------------------------------------
     optimizer = make_optimizer(config, model.parameters())
-    search = EarlyBirdSearch(
-        model, optimizer, mode=config.mode, prune_ratio=config.prune_ratio,
-        stop_distance=config.stop_distance, window=config.window,
-        trigger_margin=config.trigger_margin, truncation=config.truncation,
-        scope=config.scope, representative=config.representative,
-        backend=None if config.backend == "auto" else config.backend,
-    )  # fmt: skip
+    search = make_search(config, model, optimizer)
     masked_numel = sum(p.numel() for p in search.params.values())
     accuracy = None
     try:
@@ -148,6 +170,10 @@ def run(
             _publish(result, profiler, notify)
     except KeyboardInterrupt:
         result.status = "interrupted"
+        _publish(result, profiler, notify)
+        raise
+    except NonFiniteError as error:
+        result.status, result.error = "failed", str(error)
         _publish(result, profiler, notify)
         raise
 

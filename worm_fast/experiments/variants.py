@@ -4,15 +4,17 @@ representative layers) from identical starts.
 For every seed, each variant starts from the same initial weights and sees the same
 data order, as the paper's Tables I–III do; metrics are averaged over seeds. The
 results document is handed to ``on_update`` after every epoch, and a run cut short by
-KeyboardInterrupt is marked ``interrupted`` before the interrupt propagates, so what
-was written covers exactly the finished epochs.
+KeyboardInterrupt is marked ``interrupted`` (one whose training diverged, ``failed``,
+with its ``error``) before the exception propagates, so what was written covers exactly
+the finished epochs. Every variant's settings are checked against the model before
+the first epoch of any (:func:`~worm_fast.experiments.pipeline.check_setup`).
 """
 
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
-from worm_fast.experiments.pipeline import RunConfig, RunResult, run
-from worm_fast.experiments.workloads import initial_state
+from worm_fast.experiments.pipeline import RunConfig, RunResult, SetupError, check_setup, run
+from worm_fast.experiments.workloads import initial_model
 
 # Truncation factors of the paper's Table I.
 TABLE_I_TRUNCATIONS = (1.0, 0.5, 0.1, 0.05, 0.01)
@@ -53,6 +55,20 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     return summary
 
 
+def _checked_model(base: RunConfig, configs: dict[str, RunConfig]):
+    """``base``'s initial model, once every variant's settings are checked against it."""
+    try:
+        model = initial_model(base)
+    except ValueError as error:  # e.g. a subset larger than the dataset
+        raise SetupError(str(error)) from error
+    for label, config in configs.items():
+        try:
+            check_setup(replace(config, seed=base.seed), model)
+        except SetupError as error:
+            raise SetupError(f"variant {label!r}: {error}") from error
+    return model
+
+
 def run_variants(
     base: RunConfig,
     variants: dict[str, dict],
@@ -79,12 +95,16 @@ def run_variants(
         entry.update(
             status=result.status, rows=result.rows, metrics=result.metrics, profile=result.profile
         )
+        if result.error is not None:
+            entry["error"] = result.error
         document["summary"] = summarize(document["runs"])
         notify(document)
 
     for index in range(runs):
         seed = base.seed + index
-        start = initial_state(replace(base, seed=seed))
+        seeded = replace(base, seed=seed)
+        model = _checked_model(seeded, configs) if index == 0 else initial_model(seeded)
+        start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         for label, config in configs.items():
             config = replace(config, seed=seed)
             entry = {"variant": label, "seed": seed, "config": asdict(config), "status": "running"}

@@ -32,7 +32,7 @@ and ``ticket.pt`` once the ticket converges; a search that ends without convergi
 its newest mask as ``candidate.pt`` instead.
 """
 
-import json
+import inspect
 import logging
 import os
 from dataclasses import asdict
@@ -42,10 +42,10 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from worm_fast.files import atomic_write, atomic_write_text
+from worm_fast.files import atomic_write, atomic_write_text, json_text
 from worm_fast.optim import WormAdamW
 from worm_fast.presets import PAPER_TRANSFORMER
-from worm_fast.search import EarlyBirdSearch, Ticket
+from worm_fast.search import EarlyBirdSearch, NonFiniteError, Ticket, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,20 @@ class WormCallback(TrainerCallback):
             raise ValueError(
                 f"check_every_steps must be a positive int or None, got {check_every_steps!r}"
             )
+        defaults = _search_defaults()
+        unknown = sorted(set(search_kwargs) - set(defaults))
+        if unknown:
+            raise TypeError(
+                f"WormCallback got unknown keyword(s) {', '.join(unknown)}; EarlyBirdSearch "
+                f"takes {', '.join(sorted(defaults))}"
+            )
+        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), **search_kwargs}
+        settings = {**defaults, **self.search_kwargs}
+        check_settings(
+            **{name: settings[name] for name in inspect.signature(check_settings).parameters}
+        )
         self.check_every_steps = check_every_steps
         self.save_dir = None if save_dir is None else Path(save_dir)
-        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), **search_kwargs}
         self.search: EarlyBirdSearch | None = None
         self.checks: list[dict] = []  # every check's record, with the Trainer's step
 
@@ -166,7 +177,11 @@ class WormCallback(TrainerCallback):
     def _check(self, state, control) -> None:
         if self.search is None or self.search.converged:
             return  # after convergence the Trainer is stopping; nothing is left to decide
-        record = self.search.check()
+        try:
+            record = self.search.check()
+        except NonFiniteError as error:  # training diverged: say so, then stop the Trainer
+            self._save_checks(error=str(error))
+            raise
         entry = asdict(record)
         entry["check"] = entry.pop("epoch")  # the record counts checks, not Trainer epochs
         self.checks.append({**entry, "global_step": state.global_step, "epoch": state.epoch})
@@ -180,7 +195,7 @@ class WormCallback(TrainerCallback):
             self._save_ticket(self.search.ticket, "ticket.pt", converged=True)
             control.should_training_stop = True
 
-    def _save_checks(self) -> None:
+    def _save_checks(self, error: str | None = None) -> None:
         if self.save_dir is None:
             return
         document = {
@@ -189,8 +204,10 @@ class WormCallback(TrainerCallback):
             "converged": self.search.converged,
             "checks": self.checks,
         }
+        if error is not None:
+            document.update(status="failed", error=error)
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.save_dir / "search.json", json.dumps(document, indent=1))
+        atomic_write_text(self.save_dir / "search.json", json_text(document, indent=1))
 
     def _representative(self):
         representative = self.search_kwargs["representative"]
@@ -207,6 +224,12 @@ class WormCallback(TrainerCallback):
             "shapes": {key: list(shape) for key, shape in ticket.shapes.items()},
         }
         atomic_write(self.save_dir / name, lambda f: torch.save(payload, f))
+
+
+def _search_defaults() -> dict:
+    """The settings ``EarlyBirdSearch`` takes by keyword, with their defaults."""
+    parameters = inspect.signature(EarlyBirdSearch).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _checkpoint_folder(args: TrainingArguments, state) -> Path:
