@@ -10,6 +10,7 @@ with several devices or dtypes) validates them all first with ``prepare_masked_s
 """
 
 import inspect
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,7 +40,11 @@ def pack_mask(
         raise TypeError(f"pack_mask: values must be floating point or bool, got {values.dtype}")
     if values.dtype == torch.bool:
         values = values.to(torch.float32)
-    threshold = torch.as_tensor(threshold, device=values.device)
+    if not isinstance(threshold, torch.Tensor):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"pack_mask: threshold must be a real number, got {threshold!r}")
+        # Keep a Python number's double precision (fp64 values compare against all of it).
+        threshold = torch.tensor(threshold, dtype=torch.float64, device=values.device)
     if threshold.is_complex() or threshold.dtype == torch.bool:
         raise TypeError(f"pack_mask: threshold must be a real number, got {threshold.dtype}")
     if threshold.numel() != 1:

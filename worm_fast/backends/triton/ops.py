@@ -312,14 +312,20 @@ def _log_of_rounded(beta: float, fp64: bool) -> float:
 
 
 def _words(masks: torch.Tensor) -> torch.Tensor:
-    """The int64 words of packed masks (last dim), copying when not 8-byte aligned and
-    padding with zero bytes (which never differ) to whole words."""
-    masks = masks.contiguous()
+    """The int64 words of packed masks (last dim), padded with zero bytes (which never
+    differ) to whole words, and copied unless every row starts 8-byte aligned (a storage
+    offset, or a row stride, that is not a multiple of 8 needs the copy; a single row
+    counts as contiguous whatever its stride)."""
     pad = -masks.shape[-1] % 8
     if pad:
         masks = torch.nn.functional.pad(masks, (0, pad))
-    elif masks.storage_offset() % 8:
-        masks = masks.clone()
+    aligned = (
+        masks.is_contiguous()
+        and masks.storage_offset() % 8 == 0
+        and all(stride % 8 == 0 for stride in masks.stride()[:-1])
+    )
+    if not aligned:
+        masks = masks.new_empty(masks.shape).copy_(masks)
     return masks.view(torch.int64)
 
 
