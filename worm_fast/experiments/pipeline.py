@@ -111,19 +111,20 @@ def run(
                     progress=progress, description=f"{config.mode} search epoch {epoch}",
                 )  # fmt: skip
                 accuracy = evaluate(model, test_loader, device=device, forward=forward)
+                row = dict(
+                    phase="search", epoch=epoch, loss=trained.loss,
+                    train_accuracy=trained.accuracy, test_accuracy=accuracy,
+                    seconds=trained.seconds, steps=trained.steps,
+                    batch_losses=trained.batch_losses,
+                )  # fmt: skip
+                result.rows.append(row)  # kept if the check fails: the epoch did train
                 record = search.check()
                 costs.count_epoch(profiler, model, trained.steps,
                                   masked_numel if truncating else 0)  # fmt: skip
                 profiler.add_work(mask_ops=mask_check_cost(masked_numel, window=config.window))
-            result.rows.append(
-                dict(
-                    phase="search", epoch=epoch, loss=trained.loss,
-                    train_accuracy=trained.accuracy, test_accuracy=accuracy,
-                    d_max=record.d_max, d_avg=record.d_avg, r=record.r,
-                    triggered=record.triggered, converged=record.converged,
-                    seconds=trained.seconds, steps=trained.steps,
-                    batch_losses=trained.batch_losses,
-                )
+            row.update(
+                d_max=record.d_max, d_avg=record.d_avg, r=record.r, triggered=record.triggered,
+                converged=record.converged,
             )  # fmt: skip
             _publish(result, profiler, notify)
             if record.converged:
