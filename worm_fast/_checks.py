@@ -15,7 +15,7 @@ tensors (``threshold``, ``lr_tensor``, ``grad_scale``, ``found_inf``) have one e
 and live on the tensors' device or on the CPU.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -158,19 +158,22 @@ def check_contiguous(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous: the kernel updates it in place")
 
 
-def check_distinct(named: Sequence[tuple[str, torch.Tensor]]) -> None:
-    """No two of the tensors a step writes share memory (compared by data pointer)."""
-    seen: dict[int, str] = {}
-    for name, tensor in named:
+def check_distinct(tensors: Sequence[torch.Tensor], name_of: Callable[[int], str]) -> None:
+    """No two of the tensors a step writes share memory (compared by data pointer);
+    ``name_of(k)`` names ``tensors[k]`` in the error."""
+    addresses = [t.data_ptr() for t in tensors]
+    if len(set(addresses)) == len(addresses):
+        return
+    seen: dict[int, int] = {}
+    for k, (tensor, address) in enumerate(zip(tensors, addresses)):
         if tensor.numel() == 0:
-            continue
-        address = tensor.data_ptr()
+            continue  # empty tensors may share a null pointer
         if address in seen:
             raise ValueError(
-                f"{name} and {seen[address]} are the same memory; a step writes each of "
-                "its params and states once, so they must be distinct tensors"
+                f"{name_of(k)} and {name_of(seen[address])} are the same memory; a step "
+                "writes each of its params and states once, so they must be distinct tensors"
             )
-        seen[address] = name
+        seen[address] = k
 
 
 def _check_lengths(n: int, **lists: Sequence) -> None:
@@ -226,7 +229,7 @@ def _check_step_tensors(params, grads, states, steps, masks, scalars, fake) -> N
             check_uint8(f"masks[{i}]", mask)
             check_numel(f"masks[{i}]", mask, packed_nbytes(numel))
     if not fake:
-        check_distinct(written)
+        check_distinct([tensor for _, tensor in written], lambda k: written[k][0])
 
 
 def _check_like(name: str, tensor: torch.Tensor, param: torch.Tensor) -> None:

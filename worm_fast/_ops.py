@@ -7,6 +7,8 @@ as ``triton_*`` twins declared through ``torch.library.triton_op``.
 
 The schemas live in Python rather than in the C++ ``TORCH_LIBRARY`` block so that the
 ops exist, and work on the reference kernels, even when the extension is not built.
+Each op's argument contract is in ``worm_fast._checks``; the fake kernels check it too,
+since a meta tensor among real ones dispatches to them.
 """
 
 import torch

@@ -220,11 +220,13 @@ def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend):
                 f"got shape {tuple(tensor.shape)} on {tensor.device}"
             )
     kernel = getattr(resolve(backend, device), op)
+    originals = params + [t for tensors_, _ in states.values() for t in tensors_]
+    contiguous = [t.is_contiguous() for t in originals]
+    _check_written(op, originals, contiguous, params, states)
 
     def launch() -> None:
         # Kernels need contiguous storage; stage any strided tensor, write it back after.
-        originals = params + [t for tensors_, _ in states.values() for t in tensors_]
-        staged = [t if t.is_contiguous() else t.contiguous() for t in originals]
+        staged = [t if flat else t.contiguous() for t, flat in zip(originals, contiguous)]
         staged_states, at = [], len(params)
         for tensors_, _ in states.values():
             staged_states.append(staged[at : at + len(tensors_)])
@@ -267,7 +269,6 @@ def _check_step_inputs(op, params, grads, states, masks, truncation):
             f"{op}: masks must be empty or one per param ({len(params)}), got {len(masks)}"
         )
     device = params[0].device if params else None
-    written = []
     for i, (param, grad) in enumerate(zip(params, grads)):
         if param.dtype not in _checks.STEP_DTYPES:
             raise TypeError(
@@ -279,8 +280,6 @@ def _check_step_inputs(op, params, grads, states, masks, truncation):
         for name, (tensors, used) in states.items():
             if used:
                 others.append((name, tensors[i]))
-                written.append((f"{name} {i}", tensors[i]))
-        written.append((f"param {i}", param))
         if masks and masks[i] is not None:
             _check_packed(masks[i], param.numel(), f"{op}: mask {i}")
             others.append(("mask", masks[i]))
@@ -303,12 +302,28 @@ def _check_step_inputs(op, params, grads, states, masks, truncation):
                     f"{op}: {what} {i} is {tensor.dtype}{tuple(tensor.shape)}, "
                     f"param is {param.dtype}{tuple(param.shape)}"
                 )
-    for what, tensor in written:
-        # A strided view with stride 0 (expand) cannot take the staged result back.
-        if not tensor.is_contiguous() and torch._debug_has_internal_overlap(tensor) == 1:
+
+
+def _check_written(op, originals, contiguous, params, states) -> None:
+    """The tensors a step writes (params, then each state's): none overlaps itself (a
+    strided view with stride 0, e.g. an expanded tensor, cannot take the staged result
+    back) and no two share memory."""
+
+    def name_of(k: int) -> str:
+        if k < len(params):
+            return f"{op}: param {k}"
+        k -= len(params)
+        for name, (tensors, _) in states.items():
+            if k < len(tensors):
+                return f"{op}: {name} {k}"
+            k -= len(tensors)
+        raise AssertionError("index past the written tensors")  # pragma: no cover
+
+    for k, (tensor, flat) in enumerate(zip(originals, contiguous) if not all(contiguous) else ()):
+        if not flat and torch._debug_has_internal_overlap(tensor) == 1:
             raise ValueError(
-                f"{op}: {what} has elements that share memory (e.g. an expanded tensor); "
+                f"{name_of(k)} has elements that share memory (e.g. an expanded tensor); "
                 "it cannot be updated in place (clone it first)"
             )
-    if device is not None and device.type != "meta":
-        _checks.check_distinct([(f"{op}: {what}", tensor) for what, tensor in written])
+    if originals[0].device.type != "meta":
+        _checks.check_distinct(originals, name_of)
