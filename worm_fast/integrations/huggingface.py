@@ -29,7 +29,10 @@ search, with a warning.
 
 Files in ``save_dir``: ``search.json`` (settings and every check, rewritten after each)
 and ``ticket.pt`` once the ticket converges; a search that ends without converging saves
-its newest mask as ``candidate.pt`` instead.
+its newest mask as ``candidate.pt`` instead. If the representative weights turn NaN or
+inf (the training diverged), the check raises :class:`~worm_fast.search.NonFiniteError`,
+which stops the Trainer, and ``search.json`` says ``"status": "failed"`` and why. The
+search settings are checked when the callback is made.
 """
 
 import inspect
