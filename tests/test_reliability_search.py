@@ -129,3 +129,8 @@ def test_a_search_saved_before_ties_existed_still_loads():
 def test_settings_out_of_range_are_refused_when_the_search_is_made(setting, message):
     with pytest.raises(ValueError, match=message):
         EarlyBirdSearch([nn.Parameter(torch.randn(4))], **({"mode": "eb"} | setting))
+
+
+def test_an_unknown_backend_is_refused_when_the_search_is_made():
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        EarlyBirdSearch([nn.Parameter(torch.randn(4))], mode="eb", backend="fastest")

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from worm_fast import backends, ops
 from worm_fast import masks as mask_ops
-from worm_fast import ops
 from worm_fast.presets import PAPER_CNN
 from worm_fast.representative import select as select_representative
 
@@ -178,6 +178,8 @@ class EarlyBirdSearch:
         self.params = select_representative(model_or_params, representative)
         self._shapes = {name: p.shape for name, p in self.params.items()}
         self._device = _common_device(self.params)
+        if backend is not None:
+            backends.resolve(backend, self._device)  # an unknown or unavailable one fails here
         if mode != "eb":
             _check_optimizer_holds(optimizer, self.params, mode)
         self.optimizer = optimizer
