@@ -154,10 +154,13 @@ def test_a_folder_held_by_a_live_run_is_refused(tmp_path, capsys, no_training):
     assert f"{tmp_path} is being written by another run (pid {os.getpid()}" in error
 
 
+# Holds the lock until killed; loads files.py alone (standard library only), not torch.
 HOLD = """
-import sys, time
-from worm_fast.files import exclusive_folder
-with exclusive_folder(sys.argv[1]):
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("files", sys.argv[2])
+files = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(files)
+with files.exclusive_folder(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
 """
@@ -165,11 +168,9 @@ with exclusive_folder(sys.argv[1]):
 
 def test_the_lock_of_a_live_process_blocks_and_of_a_killed_one_does_not(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path)],
-        stdout=subprocess.PIPE,
+        [sys.executable, "-c", HOLD, str(tmp_path), files.__file__], stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
         refused = pytest.raises(files.FolderInUseError, match=f"pid {holder.pid}")
