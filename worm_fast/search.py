@@ -287,7 +287,8 @@ class EarlyBirdSearch:
             name: (int((~torch.isfinite(p.detach())).sum()), p.numel())
             for name, p in self.params.items()
         }
-        listed = ", ".join(f"{name}: {n} of {total}" for name, (n, total) in bad.items() if n)
+        found = [f"{name}: {n} of {total}" for name, (n, total) in bad.items() if n]
+        listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         return (
             f"EarlyBirdSearch check {len(self.records) + 1}: representative parameters hold "
             f"NaN or inf values ({listed}); the training diverged (is the learning rate too "
