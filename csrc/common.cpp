@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <unordered_map>
+
 namespace worm_fast {
 
 namespace {
@@ -82,6 +84,32 @@ c10::Device device_of(at::TensorList params, c10::DeviceType device_type) {
   return params[0].defined() ? params[0].device() : c10::Device(device_type);
 }
 
+// `value` in [0, 1] (closed) or [0, 1); NaN never is.
+void check_fraction(const char* op, const char* name, double value, bool closed) {
+  const bool inside = closed ? (value >= 0.0 && value <= 1.0) : (value >= 0.0 && value < 1.0);
+  TORCH_CHECK(inside, op, name, " must be >= 0 and ", closed ? "<=" : "<", " 1, got ", value);
+}
+
+// The tensors a step writes, by name and index; no two may share memory, or one backend
+// would advance a shared buffer or step count twice and another once.
+class DistinctOutputs {
+ public:
+  explicit DistinctOutputs(const char* op) : op_(op) {}
+  void add(const char* name, size_t i, const at::Tensor& t) {
+    if (t.numel() == 0) {
+      return;
+    }
+    const auto [it, inserted] = seen_.emplace(t.const_data_ptr(), std::make_pair(name, i));
+    TORCH_CHECK(inserted, op_, name, "[", i, "] and ", it->second.first, "[", it->second.second,
+                "] are the same memory; a step writes each of its params and states once, so "
+                "they must be distinct tensors");
+  }
+
+ private:
+  const char* op_;
+  std::unordered_map<const void*, std::pair<const char*, size_t>> seen_;
+};
+
 }  // namespace
 
 bool is_supported_float(at::ScalarType dtype) {
@@ -92,9 +120,10 @@ bool is_supported_float(at::ScalarType dtype) {
 void check_masked_sgd_args(at::TensorList params, at::TensorList grads,
                            at::TensorList momentum_buffers,
                            const c10::List<std::optional<at::Tensor>>& masks, double momentum,
-                           c10::DeviceType device_type) {
+                           double truncation, c10::DeviceType device_type) {
   const auto n = params.size();
   check_list_sizes(kSgd, n, grads, masks);
+  check_fraction(kSgd, "truncation", truncation, true);
   if (momentum != 0.0) {
     TORCH_CHECK(momentum_buffers.size() == n, kSgd, "momentum=", momentum,
                 " needs one momentum buffer per param (", n, "), got ",
@@ -108,10 +137,13 @@ void check_masked_sgd_args(at::TensorList params, at::TensorList grads,
     return;
   }
   const c10::Device device = device_of(params, device_type);
+  DistinctOutputs written(kSgd);
   for (size_t i = 0; i < n; ++i) {
     check_param_and_grad(kSgd, params[i], grads[i], i, device, device_type);
+    written.add("params", i, params[i]);
     if (momentum != 0.0) {
       check_state(kSgd, "momentum_buffers", momentum_buffers[i], i, params[i], device);
+      written.add("momentum_buffers", i, momentum_buffers[i]);
     }
     check_mask(kSgd, masks, i, params[i], device);
   }
@@ -120,10 +152,14 @@ void check_masked_sgd_args(at::TensorList params, at::TensorList grads,
 void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                              at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                             const c10::List<std::optional<at::Tensor>>& masks, bool amsgrad,
+                             const c10::List<std::optional<at::Tensor>>& masks, double beta1,
+                             double beta2, double truncation, bool amsgrad,
                              c10::DeviceType device_type) {
   const auto n = params.size();
   check_list_sizes(kAdamW, n, grads, masks);
+  check_fraction(kAdamW, "beta1", beta1, false);
+  check_fraction(kAdamW, "beta2", beta2, false);
+  check_fraction(kAdamW, "truncation", truncation, true);
   TORCH_CHECK(exp_avgs.size() == n, kAdamW, "expected one exp_avg per param (", n, "), got ",
               exp_avgs.size());
   TORCH_CHECK(exp_avg_sqs.size() == n, kAdamW, "expected one exp_avg_sq per param (", n,
@@ -143,13 +179,18 @@ void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
     return;
   }
   const c10::Device device = device_of(params, device_type);
+  DistinctOutputs written(kAdamW);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_param_and_grad(kAdamW, p, grads[i], i, device, device_type);
     check_state(kAdamW, "exp_avgs", exp_avgs[i], i, p, device);
     check_state(kAdamW, "exp_avg_sqs", exp_avg_sqs[i], i, p, device);
+    written.add("params", i, p);
+    written.add("exp_avgs", i, exp_avgs[i]);
+    written.add("exp_avg_sqs", i, exp_avg_sqs[i]);
     if (amsgrad) {
       check_state(kAdamW, "max_exp_avg_sqs", max_exp_avg_sqs[i], i, p, device);
+      written.add("max_exp_avg_sqs", i, max_exp_avg_sqs[i]);
     }
     const at::Tensor& step = state_steps[i];
     TORCH_CHECK(step.defined(), kAdamW, "state_steps[", i, "] is undefined");
@@ -159,6 +200,7 @@ void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
                 step.scalar_type(), " of shape ", step.sizes());
     TORCH_CHECK(step.device() == device, kAdamW, "state_steps[", i, "] is on ", step.device(),
                 ", expected ", device, " (the params' device)");
+    written.add("state_steps", i, step);
     check_mask(kAdamW, masks, i, p, device);
   }
 }
@@ -177,7 +219,8 @@ void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
 void check_pack_mask_args(const at::Tensor& values, const at::Tensor& threshold) {
   TORCH_CHECK(values.layout() == at::kStrided,
               "worm_fast.pack_mask: values must be a strided (dense) tensor");
-  TORCH_CHECK(!values.is_complex(), "worm_fast.pack_mask: complex values are not supported");
+  TORCH_CHECK(!values.is_complex() && !threshold.is_complex(),
+              "worm_fast.pack_mask: complex values or thresholds are not supported");
   TORCH_CHECK(threshold.numel() == 1,
               "worm_fast.pack_mask: threshold must have exactly one element, got ",
               threshold.numel());

@@ -14,7 +14,16 @@ from worm_fast import (
 from worm_fast.backends import available
 from worm_fast.backends import cpp as _cpp  # noqa: F401  (loads _C: torch.ops.worm_fast get its kernels)
 from worm_fast.optim import WormAdamW, WormSGD
-from worm_fast.search import EarlyBirdSearch, Ticket
+from worm_fast.search import EarlyBirdSearch, NonFiniteError, Ticket
 
-__all__ = ["EarlyBirdSearch", "Ticket", "WormAdamW", "WormSGD", "available", "ops", "prune"]
+__all__ = [
+    "EarlyBirdSearch",
+    "NonFiniteError",
+    "Ticket",
+    "WormAdamW",
+    "WormSGD",
+    "available",
+    "ops",
+    "prune",
+]
 __version__ = "0.1.0"

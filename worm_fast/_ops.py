@@ -7,20 +7,16 @@ as ``triton_*`` twins declared through ``torch.library.triton_op``.
 
 The schemas live in Python rather than in the C++ ``TORCH_LIBRARY`` block so that the
 ops exist, and work on the reference kernels, even when the extension is not built.
+Each op's argument contract is in ``worm_fast._checks``; the fake kernels check it too,
+since a meta tensor among real ones dispatches to them.
 """
 
 import torch
 
+from worm_fast import _checks
+from worm_fast._checks import WORD_BITS, packed_nbytes  # noqa: F401  (re-exported)
+
 NAMESPACE = "worm_fast"
-
-# Packed masks are padded to whole 64-bit words (DESIGN §3.1).
-WORD_BITS = 64
-
-
-def packed_nbytes(numel: int) -> int:
-    """Bytes of a packed mask over ``numel`` elements (a multiple of 8)."""
-    return (numel + WORD_BITS - 1) // WORD_BITS * (WORD_BITS // 8)
-
 
 _SCHEMAS = {
     # kept = |values| > threshold; values flattened row-major; threshold a 0-d tensor.
@@ -69,33 +65,55 @@ for _name, _schema in _SCHEMAS.items():
     torch.library.define(f"{NAMESPACE}::{_name}", _schema)
 
 
+# Fake kernels: the op's checks (a meta tensor among real ones dispatches here), then
+# outputs of the right shape.
 @torch.library.register_fake(f"{NAMESPACE}::pack_mask")
 def _pack_mask_fake(values, threshold):
+    _checks.check_pack_mask(values, threshold)
     return values.new_empty(packed_nbytes(values.numel()), dtype=torch.uint8)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::unpack_mask")
 def _unpack_mask_fake(packed, numel):
+    _checks.check_unpack_mask(packed, numel)
     return packed.new_empty(numel, dtype=torch.bool)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::hamming_window")
 def _hamming_window_fake(current, window):
+    _checks.check_hamming_window(current, window)
     return window.new_empty(window.shape[0], dtype=torch.int64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
-def _masked_sgd_step_fake(params, grads, momentum_buffers, masks, **hyperparameters):
-    return None
+def _masked_sgd_step_fake(
+    params, grads, momentum_buffers, masks, *, momentum, truncation, lr_tensor=None,
+    grad_scale=None, found_inf=None, **hyperparameters,
+):  # fmt: skip
+    _checks.check_sgd_step(
+        params, grads, momentum_buffers, masks, momentum=momentum, truncation=truncation,
+        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        fake=True,
+    )  # fmt: skip
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_adamw_step_")
-def _masked_adamw_step_fake(params, grads, *states_and_masks, **hyperparameters):
-    return None
+def _masked_adamw_step_fake(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, *, beta1,
+    beta2, amsgrad, truncation, lr_tensor=None, grad_scale=None, found_inf=None,
+    **hyperparameters,
+):  # fmt: skip
+    _checks.check_adamw_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
+        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation,
+        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        fake=True,
+    )  # fmt: skip
 
 
 @torch.library.register_fake(f"{NAMESPACE}::soft_mask_distance")
 def _soft_mask_distance_fake(values, window, thresholds, temperatures):
+    _checks.check_soft_mask_distance(values, window, thresholds, temperatures)
     # The compute dtype of the values: fp64 for fp64, else fp32 (reference.compute_dtype).
     return window.new_empty(
         (), dtype=torch.float64 if values[0].dtype == torch.float64 else torch.float32
@@ -104,6 +122,7 @@ def _soft_mask_distance_fake(values, window, thresholds, temperatures):
 
 @torch.library.register_fake(f"{NAMESPACE}::soft_mask_distance_backward")
 def _soft_mask_distance_backward_fake(grad, values, window, thresholds, temperatures):
+    _checks.check_soft_mask_distance(values, window, thresholds, temperatures, grad)
     return [torch.empty_like(v, memory_format=torch.contiguous_format) for v in values]
 
 

@@ -6,10 +6,18 @@ pretrained transformer on a text task (``--task rt-polarity | sst2 | mrpc | rte`
 embedded all-MiniLM-L6-v2 unless ``--model-path``). Results go to ``--out`` after every
 epoch (results.json, epochs.csv, runs.csv, table.md) and, when the runs finish, the
 figures; Ctrl-C keeps the finished epochs' results.
+
+Bad input is refused before any training, with a ``worm-fast: …`` message and exit
+status 2: every option's range, the device and backend, the output folder (one run
+writes a folder at a time), and settings the model cannot satisfy (a representative
+pattern that matches nothing). A run whose training diverges stops with status 1, its
+results marked ``failed``.
 """
 
 import argparse
 import json
+import math
+import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -25,20 +33,22 @@ from worm_fast.experiments.config import (
 )
 from worm_fast.experiments.data import DATASETS, TEXT_TASKS, DatasetNotFoundError
 from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, ModelNotFoundError
+from worm_fast.experiments.pipeline import SetupError
 from worm_fast.experiments.variants import (
     TABLE_I_TRUNCATIONS,
+    check_variants,
     compare_variants,
     run_variants,
     sweep_variants,
     value_masking_variants,
 )
-from worm_fast.files import atomic_write_text
-from worm_fast.masks import SCOPES
+from worm_fast.files import FolderInUseError, atomic_write_text, exclusive_folder
+from worm_fast.masks import SCOPES, TIES
 from worm_fast.representative import PRESETS
 from worm_fast.rl.observation import ObservationLayout
 from worm_fast.rl.policy import DEFAULT_STOP_PENALTY, DEFAULT_TIMESTEPS, PolicyError
 from worm_fast.rl.session import DEFAULT_REWARD_STEPS, DEFAULT_VALIDATION_FRACTION
-from worm_fast.search import MODES
+from worm_fast.search import MODES, NonFiniteError
 
 
 def _by_kind(key: str) -> str:
@@ -119,6 +129,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--trigger-margin", type=float, help=_by_kind("trigger_margin"))
     search.add_argument("--truncation", type=float, default=defaults.truncation)
     search.add_argument("--scope", choices=SCOPES, default=defaults.scope)
+    search.add_argument(
+        "--ties",
+        choices=TIES,
+        default=defaults.ties,
+        help="weights equal to the threshold: all pruned (early_bird, the original rule) or "
+        "exactly the prune ratio pruned, by index (exact)",
+    )
     search.add_argument(
         "--representative",
         nargs="+",
@@ -280,6 +297,28 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
     return sweep_variants(args.truncations)
 
 
+def _check_command_options(args: argparse.Namespace) -> None:
+    """The options RunConfig does not hold: the number of runs, the swept factors."""
+    runs = getattr(args, "runs", 1)
+    if runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {runs}")
+    for r in getattr(args, "truncations", ()):
+        if not (math.isfinite(r) and 0.0 <= r <= 1.0):
+            raise ValueError(f"--truncations must be in [0, 1], got {r}")
+
+
+def _check_out(out: Path) -> None:
+    """``out`` is a folder this process can write files in, or one it can create (nothing
+    is created here: a refused command leaves no trace)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out} cannot hold the results: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} cannot hold the results: {existing} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "backends":
@@ -290,13 +329,25 @@ def main(argv: list[str] | None = None) -> int:
         return _rl_train(args)
     try:
         config = _config(args)
+        _check_command_options(args)
         variants = {} if args.command == "rl" else _variants(args)
-        for overrides in variants.values():  # every variant's settings, before any runs
-            replace(config, **overrides)
+        check_variants(config, variants, runs=getattr(args, "runs", 1))
+        _check_out(args.out)
     except ValueError as error:
-        print(f"worm-fast: {error}", file=sys.stderr)
-        return 2
+        return _refuse(error)
+    try:
+        with exclusive_folder(args.out):
+            return _run(args, config, variants)
+    except FolderInUseError as error:
+        return _refuse(error)
 
+
+def _refuse(error: Exception) -> int:
+    print(f"worm-fast: {error}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace, config: RunConfig, variants: dict[str, dict]) -> int:
     environment = report.environment()
 
     def save(document: dict) -> None:
@@ -310,9 +361,12 @@ def main(argv: list[str] | None = None) -> int:
             config, variants, runs=getattr(args, "runs", 1), command=args.command,
             progress=not args.no_progress, on_update=save,
         )  # fmt: skip
-    except (DatasetNotFoundError, ModelNotFoundError, PolicyError) as error:
-        print(f"worm-fast: {error}", file=sys.stderr)
-        return 2
+    except (DatasetNotFoundError, ModelNotFoundError, SetupError, PolicyError) as error:
+        return _refuse(error)
+    except NonFiniteError as error:
+        print(f"worm-fast: run failed: {error}", file=sys.stderr)
+        print(f"results so far, marked failed, are in {args.out}/", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: results of the finished epochs are in {args.out}/", file=sys.stderr)
         return 130
@@ -333,9 +387,6 @@ def main(argv: list[str] | None = None) -> int:
 def _rl_record(args: argparse.Namespace, config: RunConfig) -> int:
     from worm_fast.rl.record import record, trajectory_path
 
-    if args.runs < 1:
-        print(f"worm-fast: --runs must be at least 1, got {args.runs}", file=sys.stderr)
-        return 2
     for seed in range(config.seed, config.seed + args.runs):
         try:
             trajectory = record(

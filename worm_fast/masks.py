@@ -12,6 +12,8 @@ import torch
 from worm_fast import ops
 
 SCOPES = ("global", "per_tensor")
+# How elements whose magnitude equals the threshold are decided (compute_masks).
+TIES = ("early_bird", "exact")
 
 
 def check_prune_ratio(prune_ratio: float) -> None:
@@ -35,19 +37,51 @@ def compute_masks(
     prune_ratio: float,
     *,
     scope: str = "global",
+    ties: str = "early_bird",
     backend: str | None = None,
 ) -> list[torch.Tensor]:
-    """Packed masks (kept = ``|w| > threshold``) over each tensor, with one threshold over
-    all of them (``scope="global"``) or one per tensor (``"per_tensor"``)."""
+    """Packed masks over each tensor, with one threshold over all of them
+    (``scope="global"``) or one per tensor (``"per_tensor"``).
+
+    ``ties="early_bird"`` (the original code's rule): kept = ``|w| > threshold``, so
+    elements equal to the threshold are all pruned, and many equal magnitudes (a check
+    at initialization, frozen BatchNorm γ, bf16 weights) prune far more than
+    ``prune_ratio``. ``ties="exact"``: exactly ``int(total * prune_ratio)`` elements are
+    pruned, the smallest magnitudes, and among equal ones those of lower index (the
+    tensors' order, then row-major) first.
+    """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if scope == "global":
-        threshold = global_threshold(tensors, prune_ratio)
-        return [ops.pack_mask(t.detach(), threshold, backend=backend) for t in tensors]
-    return [
-        ops.pack_mask(t.detach(), global_threshold([t], prune_ratio), backend=backend)
-        for t in tensors
-    ]
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    groups = [list(tensors)] if scope == "global" else [[t] for t in tensors]
+    masks = []
+    for group in groups:
+        threshold = global_threshold(group, prune_ratio)
+        if ties == "early_bird":
+            masks += [ops.pack_mask(t.detach(), threshold, backend=backend) for t in group]
+        else:
+            kept = _exact_count_kept(group, threshold, prune_ratio)
+            masks += [ops.pack_mask(k, 0.5, backend=backend) for k in kept]
+    return masks
+
+
+def _exact_count_kept(
+    tensors: Sequence[torch.Tensor], threshold: torch.Tensor, prune_ratio: float
+) -> list[torch.Tensor]:
+    """Bool masks keeping all but the ``int(total * prune_ratio)`` smallest magnitudes,
+    ties at ``threshold`` (that count's smallest magnitude) pruned by lower index first.
+
+    On the device, without a host round trip: every magnitude below the threshold is
+    pruned, and of those equal to it the first ``pruned - below`` in index order.
+    """
+    magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
+    pruned = int(magnitudes.numel() * prune_ratio)
+    below = (magnitudes < threshold).sum()
+    tied = magnitudes == threshold
+    rank_among_tied = tied.cumsum(0) - 1
+    kept = (magnitudes > threshold) | (tied & (rank_among_tied >= pruned - below))
+    return [k.view(t.shape) for k, t in zip(kept.split([t.numel() for t in tensors]), tensors)]
 
 
 class MaskWindow:
@@ -81,16 +115,37 @@ class MaskWindow:
     def push(self, packed: Sequence[torch.Tensor] | torch.Tensor) -> None:
         """Add the newest mask: one packed row, or the packed masks of several tensors."""
         row = packed if isinstance(packed, torch.Tensor) else torch.cat(list(packed))
+        self._check_row(row)
         if self._nbytes is None:
             self._nbytes = row.numel()
             self.rows = torch.zeros(self.length, row.numel(), dtype=torch.uint8, device=row.device)
-        if row.dtype != torch.uint8 or row.shape != (self._nbytes,):
-            raise ValueError(
-                f"MaskWindow.push: expected {self._nbytes} packed uint8 bytes, got "
-                f"{row.dtype} of shape {tuple(row.shape)}"
-            )
         self.count += 1
         self.rows[self.newest] = row
+
+    def _check_row(self, row: torch.Tensor) -> None:
+        # The first mask fixes the width: the packed bytes of `numel` elements, padded per
+        # tensor to whole words, so at least packed_nbytes(numel).
+        nbytes = self._nbytes
+        if (
+            row.dtype != torch.uint8
+            or row.dim() != 1
+            or (row.numel() != nbytes if nbytes is not None else row.numel() * 8 < self.numel)
+        ):
+            expected = f"{nbytes}" if nbytes is not None else f"at least {(self.numel + 7) // 8}"
+            raise ValueError(
+                f"MaskWindow.push: expected {expected} packed uint8 bytes, got "
+                f"{row.dtype} of shape {tuple(row.shape)}"
+            )
+
+    def differing_bits(self, row: torch.Tensor) -> torch.Tensor:
+        """Differing bits (int64 on the masks' device, oldest first) between ``row`` and each
+        mask that would stay in the window if ``row`` were pushed; changes nothing."""
+        self._check_row(row)
+        held = min(self.count, self.length - 1)
+        order = [(self.newest - back) % self.length for back in range(held - 1, -1, -1)]
+        if not order:
+            return torch.zeros(0, dtype=torch.int64, device=row.device)
+        return ops.hamming_window(row, self.rows[order])
 
     def distances(self) -> torch.Tensor:
         """Normalized Hamming distances between the newest mask and each older one in the
@@ -112,11 +167,29 @@ class MaskWindow:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a saved window; everything is checked before anything changes."""
         if state["length"] != self.length or state["numel"] != self.numel:
             raise ValueError(
                 f"MaskWindow.load_state_dict: saved window of length {state['length']} over "
                 f"{state['numel']} elements, this one is {self.length} over {self.numel}"
             )
-        self.rows = state["rows"].to(self.rows.device).clone()
-        self.count = int(state["count"])
+        rows, count = state["rows"], state["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(
+                f"MaskWindow.load_state_dict: count must be an int >= 0, got {count!r}"
+            )
+        if (
+            not isinstance(rows, torch.Tensor)
+            or rows.dtype != torch.uint8
+            or rows.dim() != 2
+            or rows.shape[0] != self.length
+            or (count and rows.shape[1] * 8 < self.numel)
+        ):
+            raise ValueError(
+                f"MaskWindow.load_state_dict: rows must be uint8 [{self.length}, nbytes] with "
+                f"nbytes * 8 >= {self.numel}, got {getattr(rows, 'dtype', type(rows).__name__)} "
+                f"of shape {tuple(getattr(rows, 'shape', ()))}"
+            )
+        self.rows = rows.to(self.rows.device).clone()
+        self.count = count
         self._nbytes = self.rows.shape[1] if self.count else None

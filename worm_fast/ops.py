@@ -3,13 +3,19 @@
 Validation happens here, once, before any kernel runs, so bad input raises a clear
 error and never leaves parameters or buffers half-updated. ``backend`` is ``None``
 (``$WORM_FAST_BACKEND`` or auto), or one of ``worm_fast.backends.NAMES``.
+
+A caller that makes several step calls which must all happen or none (an optimizer
+with several devices or dtypes) validates them all first with ``prepare_masked_sgd_step``
+/ ``prepare_masked_adamw_step``, which return the launch without running it.
 """
 
-from collections.abc import Sequence
+import inspect
+import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 
-from worm_fast import _ops
+from worm_fast import _checks, _ops
 from worm_fast.backends import reference, resolve  # reference: registers default kernels
 
 packed_nbytes = _ops.packed_nbytes
@@ -20,6 +26,8 @@ __all__ = [
     "masked_sgd_step_",
     "pack_mask",
     "packed_nbytes",
+    "prepare_masked_adamw_step",
+    "prepare_masked_sgd_step",
     "soft_mask_distance",
     "unpack_mask",
 ]
@@ -33,7 +41,13 @@ def pack_mask(
         raise TypeError(f"pack_mask: values must be floating point or bool, got {values.dtype}")
     if values.dtype == torch.bool:
         values = values.to(torch.float32)
-    threshold = torch.as_tensor(threshold, device=values.device)
+    if not isinstance(threshold, torch.Tensor):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"pack_mask: threshold must be a real number, got {threshold!r}")
+        # Keep a Python number's double precision (fp64 values compare against all of it).
+        threshold = torch.tensor(threshold, dtype=torch.float64, device=values.device)
+    if threshold.is_complex() or threshold.dtype == torch.bool:
+        raise TypeError(f"pack_mask: threshold must be a real number, got {threshold.dtype}")
     if threshold.numel() != 1:
         raise ValueError(
             f"pack_mask: threshold must be a scalar, got shape {tuple(threshold.shape)}"
@@ -136,7 +150,7 @@ def soft_mask_distance(
     )
 
 
-def masked_sgd_step_(
+def prepare_masked_sgd_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor],
@@ -154,15 +168,12 @@ def masked_sgd_step_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-) -> None:
-    """One fused SGD step with WORM truncation, in place (formula: ``reference``).
+) -> Callable[[], None]:
+    """Validate the arguments of :func:`masked_sgd_step_` now; return the step, to run later.
 
-    All tensors must be on one device. ``momentum_buffers`` is empty when
-    ``momentum == 0``; ``masks`` is empty or holds one packed mask (or None) per param.
-    Non-contiguous parameters or buffers (e.g. channels_last weights) are updated
-    through contiguous copies.
+    The step reads the tensors when it runs; it may fail only if they change in between.
     """
-    _fused_step(
+    return _fused_step(
         "masked_sgd_step_",
         params,
         grads,
@@ -178,7 +189,7 @@ def masked_sgd_step_(
     )  # fmt: skip
 
 
-def masked_adamw_step_(
+def prepare_masked_adamw_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
@@ -199,13 +210,11 @@ def masked_adamw_step_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-) -> None:
-    """One fused AdamW step with WORM truncation, in place (formula: ``reference``).
-
-    ``state_steps`` are float32 scalar tensors on the params' device, incremented here
-    (not when ``found_inf`` is set); ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
-    """
-    _fused_step(
+) -> Callable[[], None]:
+    """Validate the arguments of :func:`masked_adamw_step_` now; return the step, to run later."""
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        _checks.check_fraction(f"masked_adamw_step_: {name}", beta, closed=False)
+    return _fused_step(
         "masked_adamw_step_",
         params,
         grads,
@@ -226,8 +235,39 @@ def masked_adamw_step_(
     )  # fmt: skip
 
 
-def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend) -> None:
-    """Validate a fused optimizer step's inputs, stage strided tensors, run the kernel.
+def masked_sgd_step_(*args, **kwargs) -> None:
+    """One fused SGD step with WORM truncation, in place (formula: ``reference``).
+
+    All tensors must be on one device. ``momentum_buffers`` is empty when
+    ``momentum == 0``; ``masks`` is empty or holds one packed mask (or None) per param.
+    Non-contiguous parameters or buffers (e.g. channels_last weights) are updated
+    through contiguous copies. Arguments: those of :func:`prepare_masked_sgd_step`.
+    """
+    prepare_masked_sgd_step(*args, **kwargs)()
+
+
+def masked_adamw_step_(*args, **kwargs) -> None:
+    """One fused AdamW step with WORM truncation, in place (formula: ``reference``).
+
+    ``state_steps`` are float32 scalar tensors on the params' device, incremented here
+    (not when ``found_inf`` is set); ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
+    Arguments: those of :func:`prepare_masked_adamw_step`.
+    """
+    prepare_masked_adamw_step(*args, **kwargs)()
+
+
+# The same signatures as the prepare functions, for help() and editors.
+masked_sgd_step_.__signature__ = inspect.signature(prepare_masked_sgd_step).replace(
+    return_annotation=None
+)
+masked_adamw_step_.__signature__ = inspect.signature(prepare_masked_adamw_step).replace(
+    return_annotation=None
+)
+
+
+def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend):
+    """Validate a fused optimizer step's inputs; return the launch that stages strided
+    tensors, runs the kernel and writes the staged tensors back.
 
     ``states`` maps a state's name to (its tensors, whether the step uses it); a used
     state has one tensor per param, an unused one none. ``"step"`` holds scalar counters.
@@ -236,7 +276,7 @@ def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend) 
     states = {name: (list(tensors_), used) for name, (tensors_, used) in states.items()}
     _check_step_inputs(op, params, grads, states, masks, scalars["truncation"])
     if not params:
-        return
+        return lambda: None
     device = params[0].device
     for name, tensor in tensors.items():
         if tensor is not None and (tensor.numel() != 1 or tensor.device != device):
@@ -245,25 +285,30 @@ def _fused_step(op, params, grads, states, masks, *, scalars, tensors, backend) 
                 f"got shape {tuple(tensor.shape)} on {tensor.device}"
             )
     kernel = getattr(resolve(backend, device), op)
-
-    # Kernels need contiguous storage; stage any strided tensor and write it back after.
     originals = params + [t for tensors_, _ in states.values() for t in tensors_]
-    staged = [t if t.is_contiguous() else t.contiguous() for t in originals]
-    staged_states, at = [], len(params)
-    for tensors_, _ in states.values():
-        staged_states.append(staged[at : at + len(tensors_)])
-        at += len(tensors_)
-    kernel(
-        staged[: len(params)],
-        [g.contiguous() for g in grads],
-        *staged_states,
-        masks,
-        **scalars,
-        **{name: None if t is None else t.reshape(1) for name, t in tensors.items()},
-    )
-    for original, work in zip(originals, staged):
-        if work is not original:
-            original.copy_(work)
+    contiguous = [t.is_contiguous() for t in originals]
+    _check_written(op, originals, contiguous, params, states)
+
+    def launch() -> None:
+        # Kernels need contiguous storage; stage any strided tensor, write it back after.
+        staged = [t if flat else t.contiguous() for t, flat in zip(originals, contiguous)]
+        staged_states, at = [], len(params)
+        for tensors_, _ in states.values():
+            staged_states.append(staged[at : at + len(tensors_)])
+            at += len(tensors_)
+        kernel(
+            staged[: len(params)],
+            [g.contiguous() for g in grads],
+            *staged_states,
+            masks,
+            **scalars,
+            **{name: None if t is None else t.reshape(1) for name, t in tensors.items()},
+        )
+        for original, work in zip(originals, staged):
+            if work is not original:
+                original.copy_(work)
+
+    return launch
 
 
 def _check_packed(packed: torch.Tensor, numel: int, what: str) -> None:
@@ -290,8 +335,10 @@ def _check_step_inputs(op, params, grads, states, masks, truncation):
         )
     device = params[0].device if params else None
     for i, (param, grad) in enumerate(zip(params, grads)):
-        if not param.is_floating_point():
-            raise TypeError(f"{op}: param {i} must be floating point, got {param.dtype}")
+        if param.dtype not in _checks.STEP_DTYPES:
+            raise TypeError(
+                f"{op}: param {i} must be float32, float64, float16 or bfloat16, got {param.dtype}"
+            )
         if grad.is_sparse or param.is_sparse:
             raise RuntimeError(f"{op}: param {i} has a sparse gradient; not supported")
         others = [("grad", grad)]
@@ -320,3 +367,28 @@ def _check_step_inputs(op, params, grads, states, masks, truncation):
                     f"{op}: {what} {i} is {tensor.dtype}{tuple(tensor.shape)}, "
                     f"param is {param.dtype}{tuple(param.shape)}"
                 )
+
+
+def _check_written(op, originals, contiguous, params, states) -> None:
+    """The tensors a step writes (params, then each state's): none overlaps itself (a
+    strided view with stride 0, e.g. an expanded tensor, cannot take the staged result
+    back) and no two share memory."""
+
+    def name_of(k: int) -> str:
+        if k < len(params):
+            return f"{op}: param {k}"
+        k -= len(params)
+        for name, (tensors, _) in states.items():
+            if k < len(tensors):
+                return f"{op}: {name} {k}"
+            k -= len(tensors)
+        raise AssertionError("index past the written tensors")  # pragma: no cover
+
+    for k, (tensor, flat) in enumerate(zip(originals, contiguous) if not all(contiguous) else ()):
+        if not flat and torch._debug_has_internal_overlap(tensor) == 1:
+            raise ValueError(
+                f"{name_of(k)} has elements that share memory (e.g. an expanded tensor); "
+                "it cannot be updated in place (clone it first)"
+            )
+    if originals[0].device.type != "meta":
+        _checks.check_distinct(originals, name_of)

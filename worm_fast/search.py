@@ -1,5 +1,4 @@
-"""EarlyBirdSearch: the EB Train / WORM controller (Algorithm 1 of the paper, DESIGN §3.2),
-and the proposal's two other searches (WORM-gradient, WORM-RL).
+"""EarlyBirdSearch: the EB Train / WORM controller (Algorithm 1 of the paper, DESIGN §3.2).
 
 Per check (once per epoch, or every k steps), in this order: compute the mask of the
 representative parameters, push it into the window, compute ``d_max`` / ``d_avg``; if
@@ -14,17 +13,26 @@ pushes the mask to settle (``worm_fast.penalty``). Mode ``rl`` replaces the rule
 learned policy that sees the recent distances, the epoch fraction, the training-loss
 trend and the candidate's density at every check and decides to continue, stop, or
 (when it has that action) switch truncation on (``worm_fast.rl``).
+
+Every check, and the constructor and ``load_state_dict``, first verifies everything it
+relies on and changes nothing when it raises: a search never advances its window, ``r``
+or trigger and then fails. Representative values that are not finite (a diverged
+training) stop the search with :class:`NonFiniteError` instead of a NaN threshold's
+all-pruned, "converged" mask.
 """
 
+import math
+import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
+from worm_fast import backends, ops
 from worm_fast import masks as mask_ops
-from worm_fast import ops
 from worm_fast.penalty import PenaltySettings, soft_mask_constants
 from worm_fast.presets import PAPER_CNN
 from worm_fast.representative import select as select_representative
@@ -33,6 +41,51 @@ from worm_fast.rl.observation import ACTIONS, STOP, TRIGGER, CheckFeatures, Obse
 MODES = ("eb", "truncate", "worm", "gradient", "rl")
 # A policy: an observation vector in, an action index (rl.observation.ACTIONS) out.
 Policy = Callable[[object], int]
+# Warn (once) when a mask keeps more than this fraction of the elements (and at least two
+# elements) fewer or more than 1 - prune_ratio: ties at the threshold, see compute_masks.
+TIE_TOLERANCE = 0.01
+
+
+class NonFiniteError(FloatingPointError):
+    """The representative parameters hold NaN or inf: the training diverged, and no mask
+    over them means anything. Raised by :meth:`EarlyBirdSearch.check`."""
+
+
+def check_settings(
+    *,
+    mode: str,
+    prune_ratio: float,
+    stop_distance: float,
+    window: int,
+    trigger_margin: float,
+    truncation: float,
+    scope: str = "global",
+    ties: str = "early_bird",
+) -> None:
+    """Raise ValueError naming the first search setting out of range (Algorithm 1)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, value in (
+        ("prune_ratio", prune_ratio),
+        ("stop_distance", stop_distance),
+        ("trigger_margin", trigger_margin),
+        ("truncation", truncation),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    mask_ops.check_prune_ratio(prune_ratio)
+    if not (math.isfinite(stop_distance) and stop_distance > 0):
+        raise ValueError(f"stop_distance must be a finite number > 0, got {stop_distance}")
+    if not (math.isfinite(trigger_margin) and trigger_margin >= 0):
+        raise ValueError(f"trigger_margin must be a finite number >= 0, got {trigger_margin}")
+    if not 0.0 <= truncation <= 1.0:
+        raise ValueError(f"truncation must be in [0, 1], got {truncation}")
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 2:
+        raise ValueError(f"window must be an integer >= 2 (masks compared), got {window!r}")
+    if scope not in mask_ops.SCOPES:
+        raise ValueError(f"scope must be one of {mask_ops.SCOPES}, got {scope!r}")
+    if ties not in mask_ops.TIES:
+        raise ValueError(f"ties must be one of {mask_ops.TIES}, got {ties!r}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +143,10 @@ class EarlyBirdSearch:
         truncation: the factor r for pruned elements' gradients once triggered.
         scope: one threshold over all representative parameters (``global``, as the
             original Early-Bird code) or one per tensor (``per_tensor``).
+        ties: ``early_bird`` (elements equal to the threshold are pruned, as the original
+            code does; a warning says when that prunes far more than ``prune_ratio``) or
+            ``exact`` (exactly that fraction pruned, ties by index); see
+            :func:`worm_fast.masks.compute_masks`.
         representative: preset or name patterns, see :mod:`worm_fast.representative`.
         distance_weight, duration_weight, temperature: mode ``gradient``'s penalty
             ``(distance_weight + duration_weight * checks) * D``, D the soft mask's mean
@@ -101,6 +158,10 @@ class EarlyBirdSearch:
             does).
         max_checks: mode ``rl``: the checks the search may run at most (the epoch
             fraction the policy sees is checks run / max_checks).
+
+    In modes ``truncate`` and ``worm`` (and ``rl`` with the trigger action) the optimizer
+    must hold every representative parameter (it truncates their updates). Representative
+    parameters must keep their shapes and device while the search runs.
 
     The defaults are the paper's CNN settings (:data:`worm_fast.presets.PAPER_CNN`);
     ``EarlyBirdSearch(model, opt, **PAPER_TRANSFORMER.kwargs())`` gives its BERT ones.
@@ -118,6 +179,7 @@ class EarlyBirdSearch:
         trigger_margin: float = PAPER_CNN.trigger_margin,
         truncation: float = PAPER_CNN.truncation,
         scope: str = "global",
+        ties: str = "early_bird",
         representative: str | Iterable[str] = PAPER_CNN.representative,
         backend: str | None = None,
         distance_weight: float = PenaltySettings.distance_weight,
@@ -126,29 +188,6 @@ class EarlyBirdSearch:
         policy: "str | os.PathLike | Policy | None" = None,
         max_checks: int | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        penalty = PenaltySettings(distance_weight, duration_weight, temperature)
-        policy, layout = _load_policy(mode, policy, max_checks)
-        actions = getattr(policy, "actions", ())
-        needs_truncation = mode in ("truncate", "worm") or len(actions) > TRIGGER
-        if needs_truncation and not hasattr(optimizer, "set_truncation"):
-            raise TypeError(
-                f"mode {mode!r} truncates gradients and needs an optimizer with "
-                f"set_truncation (worm_fast.WormSGD), got {type(optimizer).__name__}"
-            )
-        mask_ops.check_prune_ratio(prune_ratio)
-        if scope not in mask_ops.SCOPES:
-            raise ValueError(f"scope must be one of {mask_ops.SCOPES}, got {scope!r}")
-        if not 0.0 <= truncation <= 1.0:
-            raise ValueError(f"truncation must be in [0, 1], got {truncation}")
-        if stop_distance <= 0 or trigger_margin < 0:
-            raise ValueError(
-                f"stop_distance must be > 0 and trigger_margin >= 0, got {stop_distance} "
-                f"and {trigger_margin}"
-            )
-        self.params = select_representative(model_or_params, representative)
-        self.optimizer = optimizer
         self.config = dict(
             mode=mode,
             prune_ratio=prune_ratio,
@@ -157,7 +196,27 @@ class EarlyBirdSearch:
             trigger_margin=trigger_margin,
             truncation=truncation,
             scope=scope,
+            ties=ties,
         )
+        check_settings(**self.config)
+        penalty = PenaltySettings(distance_weight, duration_weight, temperature)
+        policy, layout = _load_policy(mode, policy, max_checks)
+        needs_truncation = (
+            mode in ("truncate", "worm") or len(getattr(policy, "actions", ())) > TRIGGER
+        )
+        if needs_truncation and not hasattr(optimizer, "set_truncation"):
+            raise TypeError(
+                f"mode {mode!r} truncates gradients and needs an optimizer with "
+                f"set_truncation (worm_fast.WormSGD), got {type(optimizer).__name__}"
+            )
+        self.params = select_representative(model_or_params, representative)
+        self._shapes = {name: p.shape for name, p in self.params.items()}
+        self._device = _common_device(self.params)
+        if backend is not None:
+            backends.resolve(backend, self._device)  # an unknown or unavailable one fails here
+        if needs_truncation:
+            _check_optimizer_holds(optimizer, self.params, mode)
+        self.optimizer = optimizer
         # Only the new modes add keys, so saved states of the others still load.
         if mode == "gradient":
             self.config.update(asdict(penalty))
@@ -172,13 +231,15 @@ class EarlyBirdSearch:
         self.observation = None  # mode rl: what the policy saw at the last check
         self.backend = backend
         numel = sum(p.numel() for p in self.params.values())
-        device = next(iter(self.params.values())).device
-        self.window = mask_ops.MaskWindow(window, numel, device)
+        if numel == 0:
+            raise ValueError("the representative parameters have no elements")
+        self.window = mask_ops.MaskWindow(window, numel, self._device)
         self.r = 1.0
         self.triggered_at: int | None = None  # the check that switched truncation on
         self.records: list[CheckRecord] = []
         self.ticket: Ticket | None = None
         self._newest: list[torch.Tensor] = []
+        self._warned_about_ties = False
 
     @property
     def converged(self) -> bool:
@@ -193,56 +254,69 @@ class EarlyBirdSearch:
 
         ``train_loss``: the mean training loss since the last check; mode ``rl``'s policy
         sees its trend (other modes ignore it).
+
+        Raises :class:`NonFiniteError` if a representative value is NaN or inf, and
+        ValueError if a representative parameter changed shape or device; either way
+        the search is left as it was.
         """
         if self.converged:
             raise RuntimeError(
                 f"the search converged at check {self.ticket.epoch}; its ticket is in .ticket"
             )
+        self._check_parameters_unchanged()
         cfg = self.config
-        self._newest = mask_ops.compute_masks(
-            list(self.params.values()),
-            cfg["prune_ratio"],
-            scope=cfg["scope"],
-            backend=self.backend,
+        tensors = list(self.params.values())
+        newest = mask_ops.compute_masks(
+            tensors, cfg["prune_ratio"], scope=cfg["scope"], ties=cfg["ties"], backend=self.backend
         )
-        self.window.push(self._newest)
+        row = torch.cat(newest)
+        differing = self.window.differing_bits(row)
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
+        kept = ops.hamming_window(row, torch.zeros_like(row).unsqueeze(0))  # set bits
+        # The one host round trip of a check: finiteness, kept count, differing bits.
+        is_finite, kept_count, *counts = torch.cat(
+            [finite.reshape(1).double(), kept.double(), differing.double()]
+        ).tolist()
+        if not is_finite:
+            raise NonFiniteError(self._non_finite_message())
+        soft_constants = self.soft_constants
         if cfg["mode"] == "gradient":
-            self.soft_constants = soft_mask_constants(
-                list(self.params.values()), cfg["prune_ratio"], scope=cfg["scope"],
+            soft_constants = soft_mask_constants(
+                tensors, cfg["prune_ratio"], scope=cfg["scope"],
                 temperature=self.penalty_settings.temperature,
             )  # fmt: skip
-        distances = self.window.distances()
-        d_max = d_avg = None
-        if distances.numel():
-            # The one host round trip of a check: the stop / trigger decision.
-            d_max, d_avg = torch.stack([distances.max(), distances.mean()]).tolist()
 
+        numel = self.window.numel
+        d_max = max(counts) / numel if counts else None
+        d_avg = sum(counts) / len(counts) / numel if counts else None
         epoch = len(self.records) + 1
-        full = self.window.full
-        if cfg["mode"] == "rl":
-            record = CheckRecord(epoch, d_max, d_avg, self.r, False, False, full)
-            self.records.append(record)
-            self._observe(record, train_loss)
-            self._hand_masks_to_optimizer()
-            if self.policy is not None:
-                self.act(self.policy(self.observation))
-            return self.records[-1]
-        converged = full and d_max < cfg["stop_distance"]
+        full = self.window.count + 1 >= self.window.length
+        # Mode rl: the policy decides (below, or from outside through act()).
+        converged = cfg["mode"] != "rl" and full and d_max < cfg["stop_distance"]
         worm_trigger = (
             cfg["mode"] == "worm"
             and full
             and not converged
             and d_avg < cfg["stop_distance"] + cfg["trigger_margin"]
         )
-        if self.triggered_at is None and (cfg["mode"] == "truncate" or worm_trigger):
-            self.r, self.triggered_at = cfg["truncation"], epoch
-        triggered = self.triggered_at == epoch
+        r, triggered_at = self.r, self.triggered_at
+        if triggered_at is None and (cfg["mode"] == "truncate" or worm_trigger):
+            r, triggered_at = cfg["truncation"], epoch
+        if triggered_at is not None:  # checked and applied at once, or not at all
+            self.optimizer.set_truncation(dict(zip(tensors, newest)), r, packed=True)
+
+        self.window.push(row)
+        self.r, self.triggered_at, self._newest = r, triggered_at, newest
+        self.soft_constants = soft_constants
         if converged:
             self.ticket = self.candidate()
-        self._hand_masks_to_optimizer()
-
-        record = CheckRecord(epoch, d_max, d_avg, self.r, triggered, converged, full)
+        record = CheckRecord(epoch, d_max, d_avg, r, triggered_at == epoch, converged, full)
         self.records.append(record)
+        self._warn_about_ties(int(kept_count))
+        if cfg["mode"] == "rl":
+            self._observe(record, train_loss, kept_count / numel)
+            if self.policy is not None:
+                return self.act(self.policy(self.observation))
         return record
 
     # -- WORM-gradient ----------------------------------------------------------------
@@ -269,10 +343,7 @@ class EarlyBirdSearch:
 
     # -- WORM-RL ----------------------------------------------------------------------
 
-    def _observe(self, record: CheckRecord, train_loss: float | None) -> None:
-        newest = torch.cat(self._newest)
-        kept = ops.hamming_window(torch.zeros_like(newest), newest[None])  # popcount
-        density = float(kept) / self.window.numel
+    def _observe(self, record: CheckRecord, train_loss: float | None, density: float) -> None:
         self.features.append(
             CheckFeatures(record.epoch, record.d_max, record.d_avg, train_loss, density)
         )
@@ -301,9 +372,11 @@ class EarlyBirdSearch:
                     "the trigger action truncates gradients and needs an optimizer with "
                     f"set_truncation (worm_fast.WormSGD), got {type(self.optimizer).__name__}"
                 )
-            self.r, self.triggered_at = self.config["truncation"], record.epoch
-            self._hand_masks_to_optimizer()
-            record = replace(record, r=self.r, triggered=True)
+            r = self.config["truncation"]
+            masks = dict(zip(self.params.values(), self._newest))
+            self.optimizer.set_truncation(masks, r, packed=True)
+            self.r, self.triggered_at = r, record.epoch
+            record = replace(record, r=r, triggered=True)
         self.records[-1] = record
         return record
 
@@ -316,9 +389,56 @@ class EarlyBirdSearch:
         packed = {name: m.clone() for name, m in zip(self.params, self._newest)}
         return Ticket(self.window.count, packed, shapes)  # count: checks that made a mask
 
-    def _hand_masks_to_optimizer(self) -> None:
-        if self.triggered_at is not None:
-            self.optimizer.set_truncation(dict(zip(self.params.values(), self._newest)), self.r)
+    def _check_parameters_unchanged(self) -> None:
+        for name, param in self.params.items():
+            if param.shape != self._shapes[name]:
+                raise ValueError(
+                    f"representative parameter {name!r} has shape {tuple(param.shape)}, but "
+                    f"{tuple(self._shapes[name])} when the search began; the search compares "
+                    "masks over fixed parameters"
+                )
+            if param.device != self._device:
+                raise ValueError(
+                    f"representative parameter {name!r} is on {param.device}, but the "
+                    f"search's masks are on {self._device}; move the model before creating "
+                    "the search"
+                )
+
+    def _non_finite_message(self) -> str:
+        bad = {
+            name: (int((~torch.isfinite(p.detach())).sum()), p.numel())
+            for name, p in self.params.items()
+        }
+        found = [f"{name}: {n} of {total}" for name, (n, total) in bad.items() if n]
+        listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        return (
+            f"EarlyBirdSearch check {len(self.records) + 1}: representative parameters hold "
+            f"NaN or inf values ({listed}); the training diverged (is the learning rate too "
+            "large?). No mask was computed from them, the search's state is unchanged and "
+            "there is no ticket."
+        )
+
+    def _warn_about_ties(self, kept: int) -> None:
+        if self.config["ties"] != "early_bird" or self._warned_about_ties:
+            return
+        p = self.config["prune_ratio"]
+        sizes = [self.window.numel] if self.config["scope"] == "global" else [
+            t.numel() for t in self.params.values()
+        ]  # fmt: skip
+        expected = sum(n - int(n * p) for n in sizes)
+        total = self.window.numel
+        if abs(kept - expected) > max(2, math.ceil(TIE_TOLERANCE * total)):
+            self._warned_about_ties = True
+            warnings.warn(
+                f"EarlyBirdSearch check {len(self.records)}: the mask keeps {kept} of {total} "
+                f"representative elements ({kept / total:.1%}), not {1 - p:.1%}: many "
+                "magnitudes equal the threshold (a check at initialization, frozen "
+                "BatchNorm γ, low-precision weights) and the Early-Bird rule prunes them "
+                "all. Pass ties='exact' to prune exactly prune_ratio of them (this "
+                "warning is given once per search).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- state ------------------------------------------------------------------------
 
@@ -337,28 +457,94 @@ class EarlyBirdSearch:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume an interrupted search; the next check continues exactly where it left off."""
-        if state["config"] != self.config or state["names"] != list(self.params):
+        """Resume an interrupted search; the next check continues exactly where it left off.
+
+        Everything saved is checked (and the truncation handed to the optimizer) before
+        anything of this search changes.
+        """
+        config = {"ties": "early_bird", **state["config"]}  # saved before `ties` existed
+        if config != self.config or state["names"] != list(self.params):
             raise ValueError(
                 "EarlyBirdSearch.load_state_dict: the saved search has a different "
                 f"configuration or representative parameters ({state['config']}, "
                 f"{len(state['names'])} parameters) than this one ({self.config}, "
                 f"{len(self.params)} parameters)"
             )
-        self.window.load_state_dict(state["window"])
-        self.r = float(state["r"])
-        self.triggered_at = state["triggered_at"]
-        self.records = [CheckRecord(**record) for record in state["records"]]
-        device = next(iter(self.params.values())).device
-        self._newest = [m.to(device) for m in state["newest"]]
-        self.ticket = None if state["ticket"] is None else Ticket(**state["ticket"])
-        self.features = [CheckFeatures(**features) for features in state.get("features", [])]
+        window = mask_ops.MaskWindow(self.window.length, self.window.numel, self._device)
+        window.load_state_dict(state["window"])
+        r, triggered_at = state["r"], state["triggered_at"]
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"EarlyBirdSearch.load_state_dict: r must be in [0, 1], got {r}")
+        if triggered_at is not None and not (
+            isinstance(triggered_at, int) and 1 <= triggered_at <= len(state["records"])
+        ):
+            raise ValueError(
+                f"EarlyBirdSearch.load_state_dict: triggered_at must be None or one of the "
+                f"{len(state['records'])} checks, got {triggered_at!r}"
+            )
+        try:
+            records = [CheckRecord(**record) for record in state["records"]]
+            ticket = None if state["ticket"] is None else Ticket(**state["ticket"])
+        except TypeError as error:
+            message = f"EarlyBirdSearch.load_state_dict: bad record or ticket: {error}"
+            raise ValueError(message) from None
+        newest = [m.to(self._device) for m in state["newest"]]
+        if newest and len(newest) != len(self.params):
+            raise ValueError(
+                f"EarlyBirdSearch.load_state_dict: {len(newest)} saved masks for "
+                f"{len(self.params)} representative parameters"
+            )
+        for (name, param), mask in zip(self.params.items(), newest):
+            expected = ops.packed_nbytes(param.numel())
+            if mask.dtype != torch.uint8 or mask.shape != (expected,):
+                raise ValueError(
+                    f"EarlyBirdSearch.load_state_dict: the saved mask of {name!r} is "
+                    f"{mask.dtype} of shape {tuple(mask.shape)}, expected {expected} packed "
+                    "uint8 bytes"
+                )
+        try:
+            features = [CheckFeatures(**features) for features in state.get("features", [])]
+        except TypeError as error:
+            raise ValueError(f"EarlyBirdSearch.load_state_dict: bad features: {error}") from None
         constants = state.get("soft_constants")
-        self.soft_constants = None if constants is None else tuple(t.to(device) for t in constants)
+        if constants is not None:
+            constants = tuple(t.to(self._device) for t in constants)
+        if newest and triggered_at is not None and self.optimizer is not None:
+            self.optimizer.set_truncation(dict(zip(self.params.values(), newest)), r, packed=True)
+        self.window, self.r, self.triggered_at = window, float(r), triggered_at
+        self.records, self._newest, self.ticket = records, newest, ticket
+        self.features, self.soft_constants = features, constants
         if self.features and self.layout is not None:
             self.observation = self.layout.observe(self.features, self.config["max_checks"])
-        if self._newest and self.optimizer is not None:
-            self._hand_masks_to_optimizer()
+
+
+def _common_device(params: Mapping[str, torch.Tensor]) -> torch.device:
+    """The one device of the representative parameters (floating point, every one)."""
+    devices = {}
+    for name, param in params.items():
+        if not param.is_floating_point():
+            raise TypeError(
+                f"representative parameter {name!r} has dtype {param.dtype}; the search "
+                "ranks magnitudes of floating-point weights"
+            )
+        devices.setdefault(param.device, name)
+    if len(devices) > 1:
+        listed = ", ".join(f"{name!r} on {device}" for device, name in devices.items())
+        raise ValueError(f"the representative parameters must be on one device, got {listed}")
+    return next(iter(devices))
+
+
+def _check_optimizer_holds(optimizer, params: Mapping[str, torch.Tensor], mode: str) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, param in params.items() if id(param) not in held]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(
+            f"mode {mode!r} truncates the updates of the representative parameters through "
+            f"the optimizer, which does not hold {shown}{more}; build it over the model's "
+            "parameters (e.g. WormSGD(model.parameters(), ...))"
+        )
 
 
 def _load_policy(mode: str, policy, max_checks: int | None):

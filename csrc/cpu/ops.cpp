@@ -194,7 +194,8 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
                          const std::optional<at::Tensor>& lr_tensor,
                          const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf) {
-  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, c10::DeviceType::CPU);
+  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, truncation,
+                        c10::DeviceType::CPU);
   if (params.empty()) {
     return;
   }
@@ -251,7 +252,7 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf) {
   check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          masks, amsgrad, c10::DeviceType::CPU);
+                          masks, beta1, beta2, truncation, amsgrad, c10::DeviceType::CPU);
   if (params.empty()) {
     return;
   }

@@ -112,7 +112,8 @@ void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
                           const std::optional<at::Tensor>& lr_tensor,
                           const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf) {
-  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, c10::DeviceType::CUDA);
+  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, truncation,
+                        c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
@@ -165,7 +166,7 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
                             const std::optional<at::Tensor>& grad_scale,
                             const std::optional<at::Tensor>& found_inf) {
   check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          masks, amsgrad, c10::DeviceType::CUDA);
+                          masks, beta1, beta2, truncation, amsgrad, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }

@@ -256,7 +256,14 @@ def _opcheck_arguments(device):
         maximize=False, truncation=3e-3, lr_tensor=torch.tensor(0.1),
         grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0),
     )  # fmt: skip
+    soft_values = [randn(3, 70, seed=7, device=device), randn(5, seed=8, device=device)]
+    soft_window = random_bytes(2, packed.numel() + 8, seed=9, device=device)
+    soft_constants = (torch.tensor([0.5, 0.3]), torch.tensor([0.1, 0.2]))
     return {
+        "soft_mask_distance": ((soft_values, soft_window, *soft_constants), {}),
+        "soft_mask_distance_backward": (
+            (torch.tensor(1.0), soft_values, soft_window, *soft_constants), {}
+        ),
         "pack_mask": ((values, torch.tensor(0.5)), {}),
         "unpack_mask": ((packed, 210), {}),
         "hamming_window": ((packed, window), {}),

@@ -10,7 +10,7 @@ def test_record_train_and_compare_every_mode(tmp_path, capsys):
     recordings = tmp_path / "trajectories"
     assert cli.main(["rl", "record", *TINY_ARGS, "--seed", "100", "--runs", "3",
                      "--reward-steps", "2", "--out", str(recordings)]) == 0  # fmt: skip
-    assert sorted(p.name for p in recordings.iterdir()) == [
+    assert sorted(p.name for p in recordings.glob("trajectory-*")) == [
         f"trajectory-seed{seed}.json" for seed in (100, 101, 102)
     ]
     policy = tmp_path / "policy.zip"

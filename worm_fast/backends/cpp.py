@@ -4,17 +4,31 @@ Importing ``_C`` registers its kernels for the ops of ``worm_fast._ops`` with th
 dispatcher, so the functions here are plain calls to ``torch.ops.worm_fast``.
 """
 
+import importlib.util
+
 import torch
 
 from worm_fast._ops import OP_NAMES
 from worm_fast.backends import BackendStatus
+
+BUILD_HINT = "build it with `pip install -e .` (or `python setup.py build_ext --inplace`)"
+
+
+def load_error_reason(error: ImportError) -> str:
+    """Why ``_C`` is unusable. A missing file surfaces as "cannot import name '_C' from
+    partially initialized module (most likely due to a circular import)", which says
+    nothing about the cause: say it is not built."""
+    if importlib.util.find_spec("worm_fast._C") is None:
+        return f"worm_fast._C is not built; {BUILD_HINT}"
+    return f"worm_fast._C is built but does not load ({error}); rebuild it: {BUILD_HINT}"
+
 
 try:
     from worm_fast import _C  # noqa: F401  (import registers the kernels)
 
     LOAD_ERROR = None
 except ImportError as error:  # the package still works on the reference backend
-    LOAD_ERROR = f"worm_fast._C is not built ({error}); build it with `pip install -e .`"
+    LOAD_ERROR = load_error_reason(error)
 
 
 def missing_kernels(dispatch_key: str) -> list[str]:

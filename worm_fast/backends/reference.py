@@ -3,10 +3,12 @@
 Written to be read line by line against DESIGN §3, not to be fast; they also serve as
 the fallback on any device the compiled backends do not cover (registered as the
 ``CompositeExplicitAutograd`` kernel of each op, so they never sync with the host).
+Each first checks the op's contract (``worm_fast._checks``), as every backend does.
 """
 
 import torch
 
+from worm_fast import _checks
 from worm_fast._ops import NAMESPACE, packed_nbytes
 from worm_fast.backends import BackendStatus
 
@@ -21,6 +23,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def pack_mask(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    _checks.check_pack_mask(values, threshold)
     acc = compute_dtype(values.dtype)
     kept = values.reshape(-1).to(acc).abs() > threshold.to(acc)
     bits = torch.zeros(packed_nbytes(kept.numel()) * 8, dtype=torch.uint8, device=kept.device)
@@ -32,12 +35,14 @@ def pack_mask(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    _checks.check_unpack_mask(packed, numel)
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(1) >> shifts) & 1
     return bits.reshape(-1)[:numel].bool()
 
 
 def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    _checks.check_hamming_window(current, window)
     differing = torch.bitwise_xor(window, current.unsqueeze(0))
     shifts = torch.arange(8, dtype=torch.uint8, device=window.device)
     bits = (differing.unsqueeze(-1) >> shifts) & 1
@@ -70,12 +75,16 @@ def masked_sgd_step_(
 
     A step with ``found_inf != 0`` leaves params and buffers unchanged.
     """
+    _checks.check_sgd_step(
+        params, grads, momentum_buffers, masks, momentum=momentum, truncation=truncation,
+        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+    )  # fmt: skip
     for i, (param, grad) in enumerate(zip(params, grads)):
         acc = compute_dtype(param.dtype)
         p = param.to(acc)
         g = grad.to(acc)
         if grad_scale is not None:
-            g = g / grad_scale.to(acc)
+            g = g / grad_scale.to(param.device, acc)
         if masks and masks[i] is not None:
             kept = unpack_mask(masks[i], param.numel()).view_as(param)
             g = torch.where(kept, g, g * truncation)
@@ -87,12 +96,12 @@ def masked_sgd_step_(
             buf = momentum_buffers[i]
             new_buf = g if is_first_step else momentum * buf.to(acc) + (1 - dampening) * g
             g = g + momentum * new_buf if nesterov else new_buf
-        step_lr = lr_tensor.to(acc) if lr_tensor is not None else lr
+        step_lr = lr_tensor.to(param.device, acc) if lr_tensor is not None else lr
         new_p = p - step_lr * g
 
         if found_inf is not None:
             # Select instead of branching so the reference never syncs with the host.
-            keep_old = found_inf.to(torch.bool)
+            keep_old = found_inf.to(param.device, torch.bool)
             new_p = torch.where(keep_old, p, new_p)
             if momentum != 0:
                 new_buf = torch.where(keep_old, momentum_buffers[i].to(acc), new_buf)
@@ -134,16 +143,21 @@ def masked_adamw_step_(
     times slower, which is what WORM's truncation asks of SGD too. Weight decay is not
     truncated. A step with ``found_inf != 0`` changes nothing, the step count included.
     """
+    _checks.check_adamw_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
+        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation,
+        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+    )  # fmt: skip
     for i, (param, grad) in enumerate(zip(params, grads)):
         acc = compute_dtype(param.dtype)
         p = param.to(acc)
         g = grad.to(acc)
         if grad_scale is not None:
-            g = g / grad_scale.to(acc)
+            g = g / grad_scale.to(param.device, acc)
         if maximize:
             g = -g
         step = state_steps[i] + 1
-        step_lr = lr_tensor.to(acc) if lr_tensor is not None else lr
+        step_lr = lr_tensor.to(param.device, acc) if lr_tensor is not None else lr
         p = p * (1 - step_lr * weight_decay)
         m = exp_avgs[i].to(acc).lerp(g, 1 - beta1)
         v = exp_avg_sqs[i].to(acc) * beta2 + (1 - beta2) * g * g
@@ -163,7 +177,8 @@ def masked_adamw_step_(
         for key, target in targets.items():
             value = new[key]
             if found_inf is not None:  # select, so the reference never syncs with the host
-                value = torch.where(found_inf.reshape(()).bool(), target.to(value.dtype), value)
+                skip = found_inf.to(param.device, torch.bool).reshape(())
+                value = torch.where(skip, target.to(value.dtype), value)
             target.copy_(value)
 
 
@@ -187,6 +202,7 @@ def soft_mask_distance(values, window, thresholds, temperatures):
     Row by row, so the unpacked window is never held whole. Differentiable in ``values``
     through torch's autograd, which makes it the oracle of the backward kernels too.
     """
+    _checks.check_soft_mask_distance(values, window, thresholds, temperatures)
     acc = compute_dtype(values[0].dtype)
     total = torch.zeros((), dtype=acc, device=window.device)
     for k, (v, rows) in enumerate(_segments(values, window)):
@@ -199,6 +215,7 @@ def soft_mask_distance(values, window, thresholds, temperatures):
 def soft_mask_distance_backward(grad, values, window, thresholds, temperatures):
     """d distance / d v = grad * sign(v) * s (1 - s) / tau * (l - 2 c) / (l N), with c the
     rows in which v is kept: of the l terms |s - m|, c have slope -1 in s and l - c +1."""
+    _checks.check_soft_mask_distance(values, window, thresholds, temperatures, grad)
     acc = compute_dtype(values[0].dtype)
     rows = window.shape[0]
     scale = grad.to(acc) / (rows * sum(v.numel() for v in values))

@@ -7,14 +7,20 @@ transformers (Section VI), and training settings that make the embedded demos ru
 2-core CPU.
 """
 
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from worm_fast import backends
 from worm_fast.experiments.data import DATASETS, TEXT_TASKS
 from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, NOT_CHANNEL_PRUNABLE
 from worm_fast.experiments.models.text import model_name
 from worm_fast.penalty import PenaltySettings
 from worm_fast.presets import PAPER_CNN, PAPER_TRANSFORMER
+from worm_fast.search import check_settings
 
 PRUNE_METHODS = ("unstructured", "structured")
 OPTIMIZERS = ("sgd", "adamw")
@@ -74,6 +80,7 @@ class RunConfig:
     trigger_margin: float | None = None
     truncation: float = 3e-3
     scope: str = "global"
+    ties: str = "early_bird"  # how magnitudes equal to the threshold are decided
     representative: str | tuple[str, ...] | None = None  # preset or name patterns
     # Mode gradient (worm_fast.penalty): λ_d, λ_T per check, and the soft mask's width.
     distance_weight: float = PenaltySettings.distance_weight
@@ -105,6 +112,13 @@ class RunConfig:
             )
         if isinstance(self.representative, list):
             self.representative = tuple(self.representative)
+        self._check_numbers()
+        check_settings(
+            mode=self.mode, prune_ratio=self.prune_ratio, stop_distance=self.stop_distance,
+            window=self.window, trigger_margin=self.trigger_margin, truncation=self.truncation,
+            scope=self.scope, ties=self.ties,
+        )  # fmt: skip
+        check_device_and_backend(self.device, self.backend)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.prune not in PRUNE_METHODS:
@@ -115,9 +129,6 @@ class RunConfig:
                 f"channels cannot be removed; use prune 'unstructured' (the paper's) or model "
                 f"'{self.model}_projection'"
             )
-        for name in ("max_epochs", "retrain_epochs", "batch_size"):
-            if getattr(self, name) < (0 if name == "retrain_epochs" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         self._check_search_mode()
 
     def _check_search_mode(self) -> None:
@@ -132,6 +143,38 @@ class RunConfig:
             raise ValueError(
                 f"policy {self.policy!r} is not a file (`worm-fast rl train` writes one)"
             )
+
+    def _check_numbers(self) -> None:
+        """Every numeric field in its range (the message names the field and its flag)."""
+        at_least = dict(max_epochs=1, retrain_epochs=0, batch_size=1, max_length=2)
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{_named(name)} must be an integer >= {low}, got {value!r}")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value not in (None, "all") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{_named(name)} must be a positive integer, got {value!r}")
+        ranges = dict(  # name: (lowest, whether the lowest is allowed)
+            width=(0.0, False), lr=(0.0, True), momentum=(0.0, True), weight_decay=(0.0, True),
+            carbon_intensity=(0.0, True), pue=(1.0, True),
+        )  # fmt: skip
+        for name, (low, inclusive) in ranges.items():
+            value = getattr(self, name)
+            if value is None and name in ("carbon_intensity", "pue"):
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or not (value >= low if inclusive else value > low)
+            ):
+                bound = f"{'>=' if inclusive else '>'} {low:g}"
+                raise ValueError(f"{_named(name)} must be a finite number {bound}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"{_named('seed')} must be an integer >= 0, got {self.seed!r}")
 
     def _check_images(self) -> None:
         if self.model_path is not None:
@@ -165,5 +208,30 @@ class RunConfig:
         self.model = model_name(self.model_path)
         if self.train_subset is None:
             self.train_subset = TEXT_TASKS[self.task].default_train_subset or "all"
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
+
+
+def _named(field_name: str) -> str:
+    """A RunConfig field as the CLI spells it, e.g. ``max_epochs (--epochs)``."""
+    flag = {"max_epochs": "epochs"}.get(field_name, field_name).replace("_", "-")
+    return f"{field_name} (--{flag})"
+
+
+def check_device_and_backend(device: str, backend: str) -> None:
+    """``device`` names a device this machine has, and ``backend`` runs on it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device (--device) {device!r} is not a torch device: {error}") from None
+    if parsed.type == "meta":
+        raise ValueError("device (--device) 'meta' holds no data; train on cpu or cuda")
+    try:
+        torch.empty(1, device=parsed)
+    except (RuntimeError, AssertionError) as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"device (--device) {device!r} is not available here: {reason}") from None
+    if backend == "auto":
+        return
+    try:
+        backends.resolve(backend, parsed)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"backend (--backend): {error}") from None

@@ -7,7 +7,9 @@ truncation, for ``retrain_epochs``. CNNs and text models share this loop; what d
 (model, data, how a batch goes through the model, the optimizer) is the run's
 :class:`~worm_fast.experiments.workloads.Workload`. Every epoch becomes a row handed to
 ``on_row`` as soon as it ends, so a caller can persist results of finished epochs if the
-run is interrupted.
+run is interrupted. A run whose training diverges (the search raises
+:class:`~worm_fast.search.NonFiniteError`) is marked ``failed``, with the reason, before
+the error propagates: it never prunes or reports a ticket.
 """
 
 from collections.abc import Callable
@@ -27,9 +29,13 @@ from worm_fast.profiling import (
     penalty_step_cost,
     sgd_step_cost,
 )
-from worm_fast.search import EarlyBirdSearch
+from worm_fast.search import EarlyBirdSearch, NonFiniteError
 
-__all__ = ["RunConfig", "RunResult", "run", "search_mode_options"]
+__all__ = ["RunConfig", "RunResult", "SetupError", "check_setup", "run", "search_mode_options"]
+
+
+class SetupError(ValueError):
+    """A run cannot start with its configuration (found before any training)."""
 
 
 def search_mode_options(config: RunConfig) -> dict:
@@ -50,8 +56,31 @@ class RunResult:
     config: dict
     rows: list[dict] = field(default_factory=list)  # one per epoch (and one for pruning)
     metrics: dict = field(default_factory=dict)
-    status: str = "running"  # running | complete | interrupted
+    status: str = "running"  # running | complete | interrupted | failed
     profile: dict = field(default_factory=dict)  # PhaseProfiler.to_dict()
+    error: str | None = None  # why the run failed
+
+
+def make_search(config: RunConfig, model, optimizer) -> EarlyBirdSearch:
+    """The run's Early-Bird / WORM search over ``model`` (settings from ``config``)."""
+    return EarlyBirdSearch(
+        model, optimizer, mode=config.mode, prune_ratio=config.prune_ratio,
+        stop_distance=config.stop_distance, window=config.window,
+        trigger_margin=config.trigger_margin, truncation=config.truncation,
+        scope=config.scope, ties=config.ties, representative=config.representative,
+        backend=None if config.backend == "auto" else config.backend,
+        **search_mode_options(config),
+    )  # fmt: skip
+
+
+def check_setup(config: RunConfig, model) -> None:
+    """Build the optimizer and search of a run over ``model`` (its initial weights), so
+    that a setting the model cannot satisfy (a representative pattern that matches
+    nothing, ...) stops before any training, as :class:`SetupError`. Changes nothing."""
+    try:
+        make_search(config, model, make_optimizer(config, model.parameters()))
+    except (ValueError, TypeError) as error:
+        raise SetupError(str(error)) from error
 
 
 def _restore_epochs(pre: float, pruned: float, retrain_accuracies: list[float]) -> int | None:
@@ -85,14 +114,7 @@ def run(
 
     # -- search ---------------------------------------------------------------------
     optimizer = make_optimizer(config, model.parameters())
-    search = EarlyBirdSearch(
-        model, optimizer, mode=config.mode, prune_ratio=config.prune_ratio,
-        stop_distance=config.stop_distance, window=config.window,
-        trigger_margin=config.trigger_margin, truncation=config.truncation,
-        scope=config.scope, representative=config.representative,
-        backend=None if config.backend == "auto" else config.backend,
-        **search_mode_options(config),
-    )  # fmt: skip
+    search = make_search(config, model, optimizer)
     penalty = search.penalty if config.mode == "gradient" else None
     masked_numel = sum(p.numel() for p in search.params.values())
     accuracy = None
@@ -106,6 +128,13 @@ def run(
                     penalty=penalty if search.window.count else None,
                 )  # fmt: skip
                 accuracy = evaluate(model, test_loader, device=device, forward=forward)
+                row = dict(
+                    phase="search", epoch=epoch, loss=trained.loss,
+                    train_accuracy=trained.accuracy, test_accuracy=accuracy,
+                    seconds=trained.seconds, steps=trained.steps,
+                    batch_losses=trained.batch_losses,
+                )  # fmt: skip
+                result.rows.append(row)  # kept if the check fails: the epoch did train
                 held = min(search.window.count, config.window)  # the masks the penalty read
                 record = search.check(train_loss=trained.loss)
                 costs.count_epoch(profiler, model, trained.steps,
@@ -114,15 +143,9 @@ def run(
                 if penalty is not None and held:
                     cost = penalty_step_cost(masked_numel, rows=held) * trained.steps
                     profiler.add_work(mask_ops=cost)
-            result.rows.append(
-                dict(
-                    phase="search", epoch=epoch, loss=trained.loss,
-                    train_accuracy=trained.accuracy, test_accuracy=accuracy,
-                    d_max=record.d_max, d_avg=record.d_avg, r=record.r,
-                    triggered=record.triggered, converged=record.converged,
-                    seconds=trained.seconds, steps=trained.steps,
-                    batch_losses=trained.batch_losses,
-                )
+            row.update(
+                d_max=record.d_max, d_avg=record.d_avg, r=record.r, triggered=record.triggered,
+                converged=record.converged,
             )  # fmt: skip
             _publish(result, profiler, notify)
             if record.converged:
@@ -169,6 +192,10 @@ def run(
             _publish(result, profiler, notify)
     except KeyboardInterrupt:
         result.status = "interrupted"
+        _publish(result, profiler, notify)
+        raise
+    except NonFiniteError as error:
+        result.status, result.error = "failed", str(error)
         _publish(result, profiler, notify)
         raise
 

@@ -2,13 +2,13 @@
 
 Files are written to a temporary name and renamed into place, so a reader (or an
 interrupted run) never sees a half-written file, and earlier results are replaced only
-by complete new ones.
+by complete new ones. results.json is strict JSON: a number that is not finite (the
+loss of a diverged run) is written as null and listed under ``non_finite_values``.
 """
 
 import csv
 import datetime
 import io
-import json
 import os
 import platform
 from pathlib import Path
@@ -17,7 +17,7 @@ import matplotlib
 import torch
 
 from worm_fast import __version__, backends
-from worm_fast.files import atomic_write, atomic_write_text
+from worm_fast.files import atomic_write, atomic_write_text, json_text
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt
@@ -228,7 +228,7 @@ def write_results(out_dir: str | os.PathLike, document: dict) -> dict[str, Path]
         if row is not None
     ]
     phase_columns = dict.fromkeys(k for row in phase_rows for k in row)
-    atomic_write_text(paths["results.json"], json.dumps(document, indent=1, default=str))
+    atomic_write_text(paths["results.json"], json_text(document, indent=1, default=str))
     atomic_write_text(paths["epochs.csv"], _csv_text(epoch_rows, ROW_COLUMNS))
     atomic_write_text(paths["runs.csv"], _csv_text(run_rows, metric_columns))
     atomic_write_text(paths["phases.csv"], _csv_text(phase_rows, phase_columns))

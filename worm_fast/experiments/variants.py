@@ -4,15 +4,17 @@ truncation sweep, Q/K vs Q/K/V representative layers) from identical starts.
 For every seed, each variant starts from the same initial weights and sees the same
 data order, as the paper's Tables I–III do; metrics are averaged over seeds. The
 results document is handed to ``on_update`` after every epoch, and a run cut short by
-KeyboardInterrupt is marked ``interrupted`` before the interrupt propagates, so what
-was written covers exactly the finished epochs.
+KeyboardInterrupt is marked ``interrupted`` (one whose training diverged, ``failed``,
+with its ``error``) before the exception propagates, so what was written covers exactly
+the finished epochs. Every variant's settings are checked against the model before
+the first epoch of any (:func:`~worm_fast.experiments.pipeline.check_setup`).
 """
 
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
-from worm_fast.experiments.pipeline import RunConfig, RunResult, run
-from worm_fast.experiments.workloads import initial_state
+from worm_fast.experiments.pipeline import RunConfig, RunResult, SetupError, check_setup, run
+from worm_fast.experiments.workloads import initial_model
 from worm_fast.rl.policy import check_held_out, load_policy
 
 # Truncation factors of the paper's Table I.
@@ -67,6 +69,31 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     return summary
 
 
+def _checked_model(base: RunConfig, configs: dict[str, RunConfig]):
+    """``base``'s initial model, once every variant's settings are checked against it."""
+    try:
+        model = initial_model(base)
+    except ValueError as error:  # e.g. a subset larger than the dataset
+        raise SetupError(str(error)) from error
+    for label, config in configs.items():
+        try:
+            check_setup(replace(config, seed=base.seed), model)
+        except SetupError as error:
+            raise SetupError(f"variant {label!r}: {error}") from error
+    return model
+
+
+def check_variants(base: RunConfig, variants: dict[str, dict], *, runs: int) -> dict:
+    """Every variant's configuration (``base`` with its overrides), checked before anything
+    runs: its settings, and that a policy never sees the seeds it was trained on."""
+    configs = {label: replace(base, **overrides) for label, overrides in variants.items()}
+    seeds = range(base.seed, base.seed + runs)
+    for config in configs.values():
+        if config.mode == "rl":
+            check_held_out(load_policy(config.policy), seeds)
+    return configs
+
+
 def run_variants(
     base: RunConfig,
     variants: dict[str, dict],
@@ -79,11 +106,7 @@ def run_variants(
     """Run every variant for ``runs`` seeds (``base.seed``, +1, …); the results document."""
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
-    configs = {label: replace(base, **overrides) for label, overrides in variants.items()}
-    seeds = range(base.seed, base.seed + runs)
-    for config in configs.values():
-        if config.mode == "rl":  # before anything runs: a policy never sees its own seeds
-            check_held_out(load_policy(config.policy), seeds)
+    configs = check_variants(base, variants, runs=runs)
     document = {
         "command": command,
         "base_config": asdict(base),
@@ -97,12 +120,16 @@ def run_variants(
         entry.update(
             status=result.status, rows=result.rows, metrics=result.metrics, profile=result.profile
         )
+        if result.error is not None:
+            entry["error"] = result.error
         document["summary"] = summarize(document["runs"])
         notify(document)
 
     for index in range(runs):
         seed = base.seed + index
-        start = initial_state(replace(base, seed=seed))
+        seeded = replace(base, seed=seed)
+        model = _checked_model(seeded, configs) if index == 0 else initial_model(seeded)
+        start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         for label, config in configs.items():
             config = replace(config, seed=seed)
             entry = {"variant": label, "seed": seed, "config": asdict(config), "status": "running"}

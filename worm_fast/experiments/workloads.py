@@ -52,11 +52,10 @@ def build_workload(config: RunConfig, *, initial_state: dict | None = None) -> W
     return workload
 
 
-def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
-    """The initial weights of the run's model for ``config.seed`` (for a text model, the
+def initial_model(config: RunConfig) -> nn.Module:
+    """The run's model with its initial weights for ``config.seed`` (for a text model, the
     pretrained body and the seeded new head)."""
-    model = build_workload(config).model
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    return build_workload(config).model
 
 
 def make_optimizer(config: RunConfig, params) -> TruncatingOptimizer:

@@ -36,10 +36,13 @@ search, with a warning.
 
 Files in ``save_dir``: ``search.json`` (settings and every check, rewritten after each)
 and ``ticket.pt`` once the ticket converges; a search that ends without converging saves
-its newest mask as ``candidate.pt`` instead.
+its newest mask as ``candidate.pt`` instead. If the representative weights turn NaN or
+inf (the training diverged), the check raises :class:`~worm_fast.search.NonFiniteError`,
+which stops the Trainer, and ``search.json`` says ``"status": "failed"`` and why. The
+search settings are checked when the callback is made.
 """
 
-import json
+import inspect
 import logging
 import os
 from dataclasses import asdict
@@ -49,10 +52,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from worm_fast.files import atomic_write, atomic_write_text
+from worm_fast.files import atomic_write, atomic_write_text, json_text
 from worm_fast.optim import WormAdamW
 from worm_fast.presets import PAPER_TRANSFORMER
-from worm_fast.search import EarlyBirdSearch, Ticket
+from worm_fast.search import EarlyBirdSearch, NonFiniteError, Ticket, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +118,20 @@ class WormCallback(TrainerCallback):
             raise ValueError(
                 f"check_every_steps must be a positive int or None, got {check_every_steps!r}"
             )
+        defaults = _search_defaults()
+        unknown = sorted(set(search_kwargs) - set(defaults))
+        if unknown:
+            raise TypeError(
+                f"WormCallback got unknown keyword(s) {', '.join(unknown)}; EarlyBirdSearch "
+                f"takes {', '.join(sorted(defaults))}"
+            )
+        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), **search_kwargs}
+        settings = {**defaults, **self.search_kwargs}
+        check_settings(
+            **{name: settings[name] for name in inspect.signature(check_settings).parameters}
+        )
         self.check_every_steps = check_every_steps
         self.save_dir = None if save_dir is None else Path(save_dir)
-        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), **search_kwargs}
         self.search: EarlyBirdSearch | None = None
         self.checks: list[dict] = []  # every check's record, with the Trainer's step
 
@@ -185,7 +199,11 @@ class WormCallback(TrainerCallback):
     def _check(self, state, control) -> None:
         if self.search is None or self.search.converged:
             return  # after convergence the Trainer is stopping; nothing is left to decide
-        record = self.search.check()
+        try:
+            record = self.search.check()
+        except NonFiniteError as error:  # training diverged: say so, then stop the Trainer
+            self._save_checks(error=str(error))
+            raise
         entry = asdict(record)
         entry["check"] = entry.pop("epoch")  # the record counts checks, not Trainer epochs
         self.checks.append({**entry, "global_step": state.global_step, "epoch": state.epoch})
@@ -199,7 +217,7 @@ class WormCallback(TrainerCallback):
             self._save_ticket(self.search.ticket, "ticket.pt", converged=True)
             control.should_training_stop = True
 
-    def _save_checks(self) -> None:
+    def _save_checks(self, error: str | None = None) -> None:
         if self.save_dir is None:
             return
         document = {
@@ -208,8 +226,10 @@ class WormCallback(TrainerCallback):
             "converged": self.search.converged,
             "checks": self.checks,
         }
+        if error is not None:
+            document.update(status="failed", error=error)
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.save_dir / "search.json", json.dumps(document, indent=1))
+        atomic_write_text(self.save_dir / "search.json", json_text(document, indent=1))
 
     def _representative(self):
         representative = self.search_kwargs["representative"]
@@ -248,6 +268,12 @@ class WormTrainer(Trainer):
             loss, outputs = result
             return loss + callback.penalty(), outputs
         return result + callback.penalty()
+
+
+def _search_defaults() -> dict:
+    """The settings ``EarlyBirdSearch`` takes by keyword, with their defaults."""
+    parameters = inspect.signature(EarlyBirdSearch).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _checkpoint_folder(args: TrainingArguments, state) -> Path:

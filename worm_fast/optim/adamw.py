@@ -69,18 +69,25 @@ class WormAdamW(TruncatingOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Every call is checked before the first runs, and the state of parameters seen
+        # for the first time is stored only after the last, so a step that raises
+        # changes nothing.
+        launches, new_states = [], {}
+        index = 0
         for group in self.param_groups:
             amsgrad = group["amsgrad"]
             # One fused call per (device, dtype): kernels take one device and dtype.
             batches = defaultdict(lambda: ([], [], [], [], [], [], []))
             for param in group["params"]:
+                index += 1
                 if param.grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("WormAdamW does not support sparse gradients")
-                state = self.state[param]
+                self._check_grad(param)
+                state = self.state.get(param)
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                    state = new_states[param] = {
+                        "step": torch.zeros((), dtype=torch.float32, device=param.device)
+                    }
                     for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
                         state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 batch = batches[(param.device, param.dtype)]
@@ -91,11 +98,11 @@ class WormAdamW(TruncatingOptimizer):
                 if amsgrad:
                     batch[4].append(state["max_exp_avg_sq"])
                 batch[5].append(state["step"])
-                batch[6].append(self._masks.get(param))
+                batch[6].append(self._mask_for_step(index - 1, param))
 
             beta1, beta2 = group["betas"]
             for (device, _), (params, grads, m, v, v_max, steps, masks) in batches.items():
-                ops.masked_adamw_step_(
+                launches.append(ops.prepare_masked_adamw_step(
                     params, grads, m, v, v_max, steps,
                     masks if any(mask is not None for mask in masks) else [],
                     **lr_arguments(group["lr"], device),
@@ -103,8 +110,13 @@ class WormAdamW(TruncatingOptimizer):
                     eps=group["eps"], amsgrad=amsgrad, maximize=group["maximize"],
                     truncation=self.truncation, **self._amp_tensors(device),
                     backend=self.backend,
-                )  # fmt: skip
+                ))  # fmt: skip
+        for launch in launches:
+            launch()
+        self.state.update(new_states)
         return loss
+
+    ELEMENTWISE_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def load_state_dict(self, state_dict) -> None:
         """Load a state dict (also torch.optim.AdamW's, whose steps live on the CPU)."""

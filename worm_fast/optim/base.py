@@ -2,7 +2,8 @@
 
 Subclasses implement ``step``; this class holds ``set_truncation`` /
 ``clear_truncation`` and carries masks and ``r`` through ``state_dict`` so that a
-resumed run continues identically.
+resumed run continues identically. Every method that can fail checks everything first
+and changes nothing when it raises.
 """
 
 from collections.abc import Mapping
@@ -18,6 +19,9 @@ _STATE_KEY = "worm_truncation"
 class TruncatingOptimizer(Optimizer):
     """An optimizer whose step scales the updates of masked-out elements by ``r``."""
 
+    # The per-element state tensors of a parameter (checked by load_state_dict).
+    ELEMENTWISE_STATE: tuple[str, ...] = ()
+
     def __init__(self, params, defaults: dict, backend: str) -> None:
         if backend != "auto" and backend not in backends.NAMES:
             raise ValueError(
@@ -28,66 +32,97 @@ class TruncatingOptimizer(Optimizer):
         self._step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf
         self.truncation = 1.0
         self._masks: dict[torch.Tensor, torch.Tensor] = {}
+        # Each masked parameter's shape when its mask was set: a step refuses a mask
+        # whose parameter has since changed size.
+        self._mask_shapes: dict[torch.Tensor, torch.Size] = {}
 
     # -- truncation -------------------------------------------------------------------
 
-    def set_truncation(self, masks: Mapping[torch.Tensor, torch.Tensor], r: float) -> None:
+    def set_truncation(
+        self, masks: Mapping[torch.Tensor, torch.Tensor], r: float, *, packed: bool = False
+    ) -> None:
         """Scale the gradients of pruned elements by ``r`` from the next step on.
 
-        ``masks`` maps parameters of this optimizer to a mask over them (1 = kept): a
-        bool tensor of the parameter's shape, or a packed uint8 mask (DESIGN §3.1).
+        ``masks`` maps parameters of this optimizer to a mask over them (1 = kept): bool
+        tensors of the parameter's shape, or with ``packed=True`` packed uint8 masks
+        (DESIGN §3.1; ``ops.pack_mask``). The form is never guessed from the values: a
+        uint8 tensor of 0/1 values over an 8-element parameter would read as either.
         Parameters without a mask are not truncated. Replaces any earlier masks.
         """
+        self._masks, self._mask_shapes, self.truncation = self._checked(masks, r, packed)
+
+    def clear_truncation(self) -> None:
+        """Stop truncating: plain SGD from the next step on."""
+        self._masks, self._mask_shapes, self.truncation = {}, {}, 1.0
+
+    @property
+    def truncation_masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The packed masks in force, by parameter (a copy of the mapping); hand them
+        back with ``set_truncation(..., packed=True)``."""
+        return dict(self._masks)
+
+    def _checked(self, masks: Mapping, r: float, packed: bool) -> tuple[dict, dict, float]:
+        """What ``set_truncation`` would hold: (packed masks, shapes, r), all checked."""
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"truncation r must be in [0, 1], got {r}")
-        held = {p for group in self.param_groups for p in group["params"]}
-        packed = {}
+        held = set(self._all_params())
+        result, shapes = {}, {}
         for param, mask in masks.items():
             if param not in held:
                 raise ValueError(
                     f"set_truncation: a mask was given for a parameter of shape "
                     f"{tuple(param.shape)} that this optimizer does not hold"
                 )
-            packed[param] = self._as_packed(param, mask)
-        self._masks = packed
-        self.truncation = float(r)
-
-    def clear_truncation(self) -> None:
-        """Stop truncating: plain SGD from the next step on."""
-        self._masks = {}
-        self.truncation = 1.0
-
-    @property
-    def truncation_masks(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The packed masks in force, by parameter (a copy of the mapping)."""
-        return dict(self._masks)
+            result[param] = self._as_packed(param, mask, packed)
+            shapes[param] = param.shape
+        return result, shapes, float(r)
 
     @staticmethod
-    def _as_packed(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _as_packed(param: torch.Tensor, mask: torch.Tensor, packed: bool) -> torch.Tensor:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"set_truncation: masks must be tensors, got {type(mask).__name__}")
         if mask.device != param.device:
             raise ValueError(
                 f"set_truncation: mask on {mask.device} for a parameter on {param.device}"
             )
-        if mask.dtype == torch.bool:
-            if mask.shape != param.shape:
-                raise ValueError(
-                    f"set_truncation: bool mask of shape {tuple(mask.shape)} for a parameter "
-                    f"of shape {tuple(param.shape)}"
-                )
-            return ops.pack_mask(mask, 0.5)
         expected = ops.packed_nbytes(param.numel())
-        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != expected:
+        if packed:
+            if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != expected:
+                raise ValueError(
+                    f"set_truncation: expected a packed uint8 mask of {expected} bytes for a "
+                    f"parameter of shape {tuple(param.shape)}, got {mask.dtype} of shape "
+                    f"{tuple(mask.shape)}"
+                )
+            return mask.contiguous()
+        if mask.dtype != torch.bool:
             raise ValueError(
-                f"set_truncation: expected a bool mask of shape {tuple(param.shape)} or a "
-                f"packed uint8 mask of {expected} bytes, got {mask.dtype} of shape "
-                f"{tuple(mask.shape)}"
+                f"set_truncation: expected a bool mask of shape {tuple(param.shape)} (True = "
+                f"kept), got {mask.dtype} of shape {tuple(mask.shape)}; a packed uint8 mask "
+                f"of {expected} bytes needs packed=True"
             )
-        return mask.contiguous()
+        if mask.shape != param.shape:
+            raise ValueError(
+                f"set_truncation: bool mask of shape {tuple(mask.shape)} for a parameter "
+                f"of shape {tuple(param.shape)}"
+            )
+        return ops.pack_mask(mask, 0.5)
+
+    def _mask_for_step(self, index: int, param: torch.Tensor) -> torch.Tensor | None:
+        """The packed mask of ``param`` for this step; refuses one set when the parameter
+        had another size (its bits would land on the wrong elements)."""
+        mask = self._masks.get(param)
+        if mask is not None and param.shape != self._mask_shapes[param]:
+            raise ValueError(
+                f"{type(self).__name__}.step: parameter {index} has shape "
+                f"{tuple(param.shape)}, but its truncation mask was set for shape "
+                f"{tuple(self._mask_shapes[param])}; call set_truncation again"
+            )
+        return mask
 
     # -- state ------------------------------------------------------------------------
 
     def state_dict(self):
-        """``torch.optim.SGD``'s state dict plus the truncation factor and masks in force."""
+        """``torch.optim``'s state dict plus the truncation factor and masks in force."""
         state = super().state_dict()
         index = {p: i for i, p in enumerate(self._all_params())}
         state[_STATE_KEY] = {
@@ -97,7 +132,11 @@ class TruncatingOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict) -> None:
-        """Load a state dict; one without truncation (e.g. from torch SGD) clears it."""
+        """Load a state dict; one without truncation (e.g. from torch SGD) clears it.
+
+        Everything is checked before anything changes: the truncation masks, and each
+        saved per-element state against its parameter's size.
+        """
         state_dict = dict(state_dict)
         saved = state_dict.pop(_STATE_KEY, {"r": 1.0, "masks": {}})
         params = self._all_params()
@@ -106,15 +145,36 @@ class TruncatingOptimizer(Optimizer):
             if not 0 <= int(i) < len(params):
                 raise ValueError(f"load_state_dict: truncation mask for unknown param {i}")
             param = params[int(i)]
-            masks[param] = mask.to(param.device)
-        # Validate everything before any state changes.
-        previous = (self._masks, self.truncation)
-        self.set_truncation(masks, saved["r"])
-        try:
-            super().load_state_dict(state_dict)
-        except Exception:
-            self._masks, self.truncation = previous
-            raise
+            masks[param] = mask.to(param.device) if isinstance(mask, torch.Tensor) else mask
+        truncation = self._checked(masks, saved["r"], packed=True)
+        self._check_saved_state(state_dict)
+        super().load_state_dict(state_dict)  # checks the groups before it changes anything
+        self._masks, self._mask_shapes, self.truncation = truncation
+
+    def _check_saved_state(self, state_dict: dict) -> None:
+        """Each saved per-element state has its parameter's number of elements, and each
+        saved step count is one number."""
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        param_of = dict(zip(saved_ids, self._all_params()))
+        for key, state in state_dict.get("state", {}).items():
+            param = param_of.get(key)
+            if param is None:
+                continue  # torch refuses groups that do not match, before any change
+            for name in self.ELEMENTWISE_STATE:
+                value = state.get(name)
+                if value is not None and (
+                    not isinstance(value, torch.Tensor) or value.numel() != param.numel()
+                ):
+                    raise ValueError(
+                        f"load_state_dict: saved {name} of param {key} has "
+                        f"{getattr(value, 'shape', type(value).__name__)}, the parameter "
+                        f"has shape {tuple(param.shape)}"
+                    )
+            step = state.get("step")
+            if step is not None and not (
+                isinstance(step, int | float) or torch.as_tensor(step).numel() == 1
+            ):
+                raise ValueError(f"load_state_dict: saved step of param {key} is not one number")
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -126,6 +186,10 @@ class TruncatingOptimizer(Optimizer):
             for name in ("grad_scale", "found_inf")
             for value in [getattr(self, name, None)]
         }
+
+    def _check_grad(self, param: torch.Tensor) -> None:
+        if param.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
 
 def lr_arguments(lr: float | torch.Tensor, device: torch.device) -> dict:

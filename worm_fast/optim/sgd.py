@@ -69,6 +69,8 @@ class WormSGD(TruncatingOptimizer):
         )
         super().__init__(params, defaults, backend)
 
+    ELEMENTWISE_STATE = ("momentum_buffer",)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (``closure`` re-evaluates the loss)."""
@@ -77,18 +79,22 @@ class WormSGD(TruncatingOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Every call is checked before the first runs, and new momentum buffers are
+        # stored only after the last, so a step that raises changes nothing.
+        launches, new_buffers = [], []
+        index = 0
         for group in self.param_groups:
             has_momentum = group["momentum"] != 0
             # One fused call per (device, dtype, first step?): kernels take one device
             # and dtype, and a parameter's first momentum step initialises its buffer.
             batches = defaultdict(lambda: ([], [], [], []))
             for param in group["params"]:
+                index += 1
                 if param.grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("WormSGD does not support sparse gradients")
-                state = self.state[param]
-                first = has_momentum and state.get("momentum_buffer") is None
+                self._check_grad(param)
+                buffer = self.state.get(param, {}).get("momentum_buffer")
+                first = has_momentum and buffer is None
                 params, grads, buffers, masks = batches[(param.device, param.dtype, first)]
                 params.append(param)
                 grads.append(param.grad)
@@ -96,28 +102,33 @@ class WormSGD(TruncatingOptimizer):
                     buffers.append(
                         torch.zeros_like(param, memory_format=torch.preserve_format)
                         if first
-                        else state["momentum_buffer"]
+                        else buffer
                     )
-                masks.append(self._masks.get(param))
+                masks.append(self._mask_for_step(index - 1, param))
 
             for (device, _, first), (params, grads, buffers, masks) in batches.items():
-                ops.masked_sgd_step_(
-                    params,
-                    grads,
-                    buffers,
-                    masks if any(m is not None for m in masks) else [],
-                    **lr_arguments(group["lr"], device),
-                    weight_decay=float(group["weight_decay"]),
-                    momentum=group["momentum"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                    is_first_step=first,
-                    truncation=self.truncation,
-                    **self._amp_tensors(device),
-                    backend=self.backend,
+                launches.append(
+                    ops.prepare_masked_sgd_step(
+                        params,
+                        grads,
+                        buffers,
+                        masks if any(m is not None for m in masks) else [],
+                        **lr_arguments(group["lr"], device),
+                        weight_decay=float(group["weight_decay"]),
+                        momentum=group["momentum"],
+                        dampening=group["dampening"],
+                        nesterov=group["nesterov"],
+                        maximize=group["maximize"],
+                        is_first_step=first,
+                        truncation=self.truncation,
+                        **self._amp_tensors(device),
+                        backend=self.backend,
+                    )
                 )
                 if first:
-                    for param, buffer in zip(params, buffers):
-                        self.state[param]["momentum_buffer"] = buffer
+                    new_buffers.extend(zip(params, buffers))
+        for launch in launches:
+            launch()
+        for param, buffer in new_buffers:
+            self.state[param]["momentum_buffer"] = buffer
         return loss

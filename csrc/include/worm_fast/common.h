@@ -30,22 +30,26 @@ constexpr int64_t packed_nbytes(int64_t numel) {
 // float32, float64, float16 and bfloat16: the parameter dtypes the steps support.
 bool is_supported_float(at::ScalarType dtype);
 
-// The tensor lists of masked_sgd_step_, all on `device_type` (and on one device).
-// Parameters and momentum buffers must be contiguous (they are written in place);
-// gradients and masks may have any strides (the kernels copy them when needed).
+// The arguments of masked_sgd_step_: tensors all on `device_type` (and on one device).
+// Parameters and momentum buffers must be contiguous (they are written in place) and
+// distinct; gradients and masks may have any strides (the kernels copy them when
+// needed); truncation is in [0, 1]. The rules of worm_fast/_checks.py, which the
+// Python kernels follow.
 void check_masked_sgd_args(at::TensorList params, at::TensorList grads,
                            at::TensorList momentum_buffers,
                            const c10::List<std::optional<at::Tensor>>& masks, double momentum,
-                           c10::DeviceType device_type);
+                           double truncation, c10::DeviceType device_type);
 
-// The tensor lists of masked_adamw_step_, all on `device_type` (and on one device):
-// params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad) contiguous, of one
-// dtype and size per param; state_steps float32 tensors of one element on the params'
-// device; grads and masks of any strides.
+// The arguments of masked_adamw_step_: tensors all on `device_type` (and on one
+// device): params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad) contiguous,
+// of one dtype and size per param; state_steps float32 tensors of one element on the
+// params' device; every tensor the step writes distinct; grads and masks of any strides;
+// beta1 and beta2 in [0, 1), truncation in [0, 1].
 void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                              at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                             const c10::List<std::optional<at::Tensor>>& masks, bool amsgrad,
+                             const c10::List<std::optional<at::Tensor>>& masks, double beta1,
+                             double beta2, double truncation, bool amsgrad,
                              c10::DeviceType device_type);
 
 // lr_tensor / grad_scale / found_inf of the op `op` ("worm_fast.masked_sgd_step_"): one
@@ -68,10 +72,10 @@ template <c10::DeviceType kDevice>
 void masked_sgd_step_sparse(at::TensorList params, at::TensorList grads,
                             at::TensorList momentum_buffers,
                             const c10::List<std::optional<at::Tensor>>& masks, double, double,
-                            double momentum, double, bool, bool, bool, double,
+                            double momentum, double, bool, bool, bool, double truncation,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&) {
-  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, kDevice);
+  check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, truncation, kDevice);
   TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
 }
 
@@ -79,13 +83,13 @@ template <c10::DeviceType kDevice>
 void masked_adamw_step_sparse(at::TensorList params, at::TensorList grads,
                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                               at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                              const c10::List<std::optional<at::Tensor>>& masks, double, double,
-                              double, double, double, bool amsgrad, bool, double,
-                              const std::optional<at::Tensor>&,
+                              const c10::List<std::optional<at::Tensor>>& masks, double,
+                              double beta1, double beta2, double, double, bool amsgrad, bool,
+                              double truncation, const std::optional<at::Tensor>&,
                               const std::optional<at::Tensor>&,
                               const std::optional<at::Tensor>&) {
   check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          masks, amsgrad, kDevice);
+                          masks, beta1, beta2, truncation, amsgrad, kDevice);
   TORCH_CHECK(false, "worm_fast.masked_adamw_step_: sparse tensors are not supported");
 }
 

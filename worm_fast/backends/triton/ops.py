@@ -9,9 +9,9 @@ Under the interpreter (``TRITON_INTERPRET=1``, no GPU) ``wrap_triton`` hands bac
 plain interpreted kernel, which cannot run on the functional tensors of AOT tracing
 either, so there the ops stay opaque to ``torch.compile`` (``_opaque_when_interpreted``).
 
-The masked SGD and AdamW steps launch one kernel per tensor. The bodies check what the
-kernels rely on (sizes, dtypes of masks, contiguity, devices) so that no call reads or
-writes out of bounds; ``worm_fast.ops`` validates the rest for users.
+The masked SGD and AdamW steps launch one kernel per tensor. Every op (and its fake
+kernel) first checks the op's contract (``worm_fast._checks``, as every backend does), so
+no call reads or writes out of bounds or changes anything before it fails.
 """
 
 import math
@@ -22,6 +22,7 @@ import triton
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from worm_fast import _checks
 from worm_fast._ops import NAMESPACE, packed_nbytes
 from worm_fast.backends.triton.kernels import (
     INTERPRETED,
@@ -50,9 +51,8 @@ SOFT_MASK_BLOCK = 1024
 @triton_op(f"{NAMESPACE}::triton_pack_mask", mutates_args=())
 def pack_mask(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     _check_device("values", values)
-    _check_same_device("threshold", threshold, values.device)
-    if threshold.numel() != 1:
-        raise ValueError(f"threshold must have one element, got shape {tuple(threshold.shape)}")
+    _checks.check_pack_mask(values, threshold)
+    threshold = threshold.to(values.device)  # a CPU scalar is allowed, as on every backend
     values = values.reshape(-1).contiguous()
     numel = values.numel()
     nbytes = packed_nbytes(numel)
@@ -68,10 +68,8 @@ def pack_mask(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 @triton_op(f"{NAMESPACE}::triton_unpack_mask", mutates_args=())
 def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
     _check_device("packed", packed)
-    _check_uint8("packed", packed)
-    if numel < 0 or packed.numel() * 8 < numel:
-        raise ValueError(f"packed holds {packed.numel() * 8} bits, asked for {numel}")
-    packed = packed.reshape(-1).contiguous()
+    _checks.check_unpack_mask(packed, numel)
+    packed = packed.contiguous()
     out = torch.empty(numel, dtype=torch.bool, device=packed.device)
     if numel:
         grid = (triton.cdiv(numel, UNPACK_BLOCK),)
@@ -82,18 +80,11 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
 @triton_op(f"{NAMESPACE}::triton_hamming_window", mutates_args=())
 def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     _check_device("window", window)
-    _check_same_device("current", current, window.device)
-    _check_uint8("current", current)
-    _check_uint8("window", window)
+    _checks.check_hamming_window(current, window)
     nbytes = current.numel()
-    if window.dim() != 2 or window.shape[1] != nbytes or nbytes % 8:
-        raise ValueError(
-            "expected current [nbytes] and window [l, nbytes] with nbytes a multiple of 8, "
-            f"got {tuple(current.shape)} and {tuple(window.shape)}"
-        )
     out = torch.zeros(window.shape[0], dtype=torch.int64, device=window.device)
     if out.numel() and nbytes:
-        current_words, window_words = _words(current.reshape(-1)), _words(window)
+        current_words, window_words = _words(current), _words(window)
         nwords = current_words.numel()
         wrap_triton(_hamming_window_kernel)[(triton.cdiv(nwords, HAMMING_BLOCK_WORDS),)](
             current_words,
@@ -132,16 +123,10 @@ def masked_sgd_step_(
     ``momentum_buffers`` may be empty when ``momentum == 0``; ``masks`` is empty or has
     one packed mask (or None) per param.
     """
-    if len(grads) != len(params) or (masks and len(masks) != len(params)):
-        raise ValueError(
-            f"{len(params)} params need as many grads and masks (or no masks), "
-            f"got {len(grads)} grads and {len(masks)} masks"
-        )
-    if momentum != 0 and len(momentum_buffers) != len(params):
-        raise ValueError(
-            f"momentum={momentum} needs one buffer per param ({len(params)}), "
-            f"got {len(momentum_buffers)}"
-        )
+    _checks.check_sgd_step(
+        params, grads, momentum_buffers, masks, momentum=momentum, truncation=truncation,
+        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+    )  # fmt: skip
     if not params:
         return
     bits = dict(
@@ -158,28 +143,14 @@ def masked_sgd_step_(
         FIRST_STEP=is_first_step,
         BLOCK=SGD_BLOCK,
     )
-    # Check every tensor before the first launch, so bad input changes nothing.
+    for i, param in enumerate(params):
+        _check_device(f"params[{i}]", param)
+    lr_tensor, grad_scale, found_inf = _on_device(params[0], lr_tensor, grad_scale, found_inf)
     launches = []
-    device = params[0].device
-    _check_scalar_tensors(device, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
     for i, (param, grad) in enumerate(zip(params, grads)):
         numel = param.numel()
-        _check_device(f"params[{i}]", param)
-        _check_same_device(f"params[{i}]", param, device)
-        _check_contiguous(f"params[{i}]", param)
-        _check_same_device(f"grads[{i}]", grad, device)
-        _check_numel(f"grads[{i}]", grad, numel)
         buf = momentum_buffers[i] if momentum != 0 else None
-        if buf is not None:
-            _check_same_device(f"momentum_buffers[{i}]", buf, device)
-            _check_contiguous(f"momentum_buffers[{i}]", buf)
-            _check_numel(f"momentum_buffers[{i}]", buf, numel)
-        mask = masks[i] if masks else None
-        if mask is not None:
-            _check_same_device(f"masks[{i}]", mask, device)
-            _check_uint8(f"masks[{i}]", mask)
-            _check_numel(f"masks[{i}]", mask, packed_nbytes(numel))
-            mask = mask.contiguous()
+        mask = masks[i].contiguous() if masks and masks[i] is not None else None
         if numel:
             launches.append((param, grad.contiguous(), buf, mask, numel))
     for param, grad, buf, mask, numel in launches:
@@ -222,53 +193,21 @@ def masked_adamw_step_(
     device-side ``torch.cat``, no host sync) and advance the originals themselves, so a
     step with ``found_inf`` set leaves the counts as they were.
     """
-    n = len(params)
-    if any(len(states) != n for states in (grads, exp_avgs, exp_avg_sqs, state_steps)) or (
-        masks and len(masks) != n
-    ):
-        raise ValueError(
-            f"{n} params need as many grads, exp_avgs, exp_avg_sqs and state_steps and "
-            f"as many masks (or none), got {len(grads)}, {len(exp_avgs)}, "
-            f"{len(exp_avg_sqs)}, {len(state_steps)} and {len(masks)}"
-        )
-    if amsgrad and len(max_exp_avg_sqs) != n:
-        raise ValueError(
-            f"amsgrad needs one max_exp_avg_sq per param ({n}), got {len(max_exp_avg_sqs)}"
-        )
-    for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if not beta >= 0:  # beta^t is computed as exp(t ln beta)
-            raise ValueError(f"{name} must be >= 0, got {beta}")
+    _checks.check_adamw_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
+        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation,
+        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+    )  # fmt: skip
     if not params:
         return
-    # Check every tensor before the first launch, so bad input changes nothing.
-    device = params[0].device
-    _check_scalar_tensors(device, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+    for i, param in enumerate(params):
+        _check_device(f"params[{i}]", param)
+    lr_tensor, grad_scale, found_inf = _on_device(params[0], lr_tensor, grad_scale, found_inf)
     launches = []
     for i, (param, grad) in enumerate(zip(params, grads)):
-        numel = param.numel()
-        _check_device(f"params[{i}]", param)
-        _check_same_device(f"params[{i}]", param, device)
-        _check_contiguous(f"params[{i}]", param)
-        _check_same_device(f"grads[{i}]", grad, device)
-        _check_numel(f"grads[{i}]", grad, numel)
         states = [exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None]
-        for name, state in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), states):
-            if state is not None:
-                _check_same_device(f"{name}[{i}]", state, device)
-                _check_contiguous(f"{name}[{i}]", state)
-                _check_numel(f"{name}[{i}]", state, numel)
-        step = state_steps[i]
-        _check_same_device(f"state_steps[{i}]", step, device)
-        _check_numel(f"state_steps[{i}]", step, 1)
-        if step.dtype != torch.float32:
-            raise TypeError(f"state_steps[{i}] must be float32, got {step.dtype}")
-        mask = masks[i] if masks else None
-        if mask is not None:
-            _check_same_device(f"masks[{i}]", mask, device)
-            _check_uint8(f"masks[{i}]", mask)
-            _check_numel(f"masks[{i}]", mask, packed_nbytes(numel))
-            mask = mask.contiguous()
-        launches.append((param, grad.contiguous(), *states, mask, step, numel))
+        mask = masks[i].contiguous() if masks and masks[i] is not None else None
+        launches.append((param, grad.contiguous(), *states, mask, state_steps[i], param.numel()))
 
     old_steps = torch.cat([step.reshape(1) for step in state_steps])
     bits = dict(
@@ -317,7 +256,8 @@ def soft_mask_distance(
 ) -> torch.Tensor:
     """``reference.soft_mask_distance``: one launch per tensor, one partial sum per
     program, added by torch (in a fixed order, so the result does not vary by run)."""
-    launches, numel = _soft_mask_launches(values, window, thresholds, temperatures)
+    _checks.check_soft_mask_distance(values, window, thresholds, temperatures)
+    launches, numel = _soft_mask_launches(values, window)
     acc = torch.float64 if values[0].dtype == torch.float64 else torch.float32
     programs = [triton.cdiv(launch[0].numel(), SOFT_MASK_BLOCK) for launch in launches]
     partial = torch.zeros(sum(programs), dtype=acc, device=window.device)
@@ -341,9 +281,8 @@ def soft_mask_distance_backward(
     temperatures: torch.Tensor,
 ) -> list[torch.Tensor]:
     """``reference.soft_mask_distance_backward``: one launch per tensor."""
-    launches, numel = _soft_mask_launches(values, window, thresholds, temperatures)
-    _check_same_device("grad", grad, window.device)
-    _check_numel("grad", grad, 1)
+    _checks.check_soft_mask_distance(values, window, thresholds, temperatures, grad)
+    launches, numel = _soft_mask_launches(values, window)
     acc = torch.float64 if values[0].dtype == torch.float64 else torch.float32
     scale = (grad.to(acc) / (window.shape[0] * numel)).reshape(1)
     grads = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in values]
@@ -374,30 +313,15 @@ def _soft_mask_backward(ctx, grad):
 soft_mask_distance.register_autograd(_soft_mask_backward, setup_context=_soft_mask_setup_context)
 
 
-def _soft_mask_launches(values, window, thresholds, temperatures):
+def _soft_mask_launches(values, window):
     """(value, its index, its first byte in a window row) per tensor, and all elements;
-    checks what the kernels rely on (``worm_fast.ops`` validates the rest for users)."""
-    if not values:
-        raise ValueError("values must hold at least one tensor")
+    checks what the kernels rely on beyond the op's contract (``_checks``)."""
     _check_device("window", window)
-    _check_uint8("window", window)
-    nbytes = sum(packed_nbytes(v.numel()) for v in values)
-    if window.dim() != 2 or window.shape[1] != nbytes or window.shape[0] < 1:
-        raise ValueError(
-            f"window must be [rows >= 1, {nbytes}] (the values' packed masks), got "
-            f"{tuple(window.shape)}"
-        )
     if window.stride(1) != 1:
         raise ValueError("window rows must be contiguous")
-    for name, constants in (("thresholds", thresholds), ("temperatures", temperatures)):
-        _check_same_device(name, constants, window.device)
-        _check_numel(name, constants, len(values))
     launches, offset = [], 0
     for k, v in enumerate(values):
-        _check_same_device(f"values[{k}]", v, window.device)
-        _check_contiguous(f"values[{k}]", v)
-        if v.dtype != values[0].dtype:
-            raise TypeError(f"values[{k}] is {v.dtype}, values[0] {values[0].dtype}")
+        _checks.check_contiguous(f"values[{k}]", v)
         launches.append((v, k, offset))
         offset += packed_nbytes(v.numel())
     numel = sum(v.numel() for v in values)
@@ -409,27 +333,42 @@ def _soft_mask_launches(values, window, thresholds, temperatures):
 # Fake kernels: shapes only (see the module docstring for why they are explicit).
 @pack_mask.register_fake
 def _(values, threshold):
+    _checks.check_pack_mask(values, threshold)
     return values.new_empty(packed_nbytes(values.numel()), dtype=torch.uint8)
 
 
 @unpack_mask.register_fake
 def _(packed, numel):
+    _checks.check_unpack_mask(packed, numel)
     return packed.new_empty(numel, dtype=torch.bool)
 
 
 @hamming_window.register_fake
 def _(current, window):
+    _checks.check_hamming_window(current, window)
     return window.new_empty(window.shape[0], dtype=torch.int64)
 
 
 @masked_sgd_step_.register_fake
-def _(params, grads, momentum_buffers, masks, *optional_tensors, **hyperparameters):
-    return None
+def _(params, grads, momentum_buffers, masks, lr_tensor=None, grad_scale=None, found_inf=None,
+      *, momentum, truncation, **other):  # fmt: skip
+    _checks.check_sgd_step(
+        params, grads, momentum_buffers, masks, momentum=momentum, truncation=truncation,
+        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        fake=True,
+    )  # fmt: skip
 
 
 @masked_adamw_step_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, *rest, **kw):
-    return None
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
+      lr_tensor=None, grad_scale=None, found_inf=None, *, beta1, beta2, amsgrad, truncation,
+      **other):  # fmt: skip
+    _checks.check_adamw_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
+        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation,
+        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        fake=True,
+    )  # fmt: skip
 
 
 @soft_mask_distance.register_fake
@@ -474,11 +413,26 @@ def _log_of_rounded(beta: float, fp64: bool) -> float:
 
 
 def _words(masks: torch.Tensor) -> torch.Tensor:
-    """The int64 words of packed masks (last dim), copying when not 8-byte aligned."""
-    masks = masks.contiguous()
-    if masks.storage_offset() % 8:
-        masks = masks.clone()
+    """The int64 words of packed masks (last dim), padded with zero bytes (which never
+    differ) to whole words, and copied unless every row starts 8-byte aligned (a storage
+    offset, or a row stride, that is not a multiple of 8 needs the copy; a single row
+    counts as contiguous whatever its stride)."""
+    pad = -masks.shape[-1] % 8
+    if pad:
+        masks = torch.nn.functional.pad(masks, (0, pad))
+    aligned = (
+        masks.is_contiguous()
+        and masks.storage_offset() % 8 == 0
+        and all(stride % 8 == 0 for stride in masks.stride()[:-1])
+    )
+    if not aligned:
+        masks = masks.new_empty(masks.shape).copy_(masks)
     return masks.view(torch.int64)
+
+
+def _on_device(like: torch.Tensor, *scalars: torch.Tensor | None) -> list:
+    """Scalar tensors on ``like``'s device (a CPU one is allowed on every backend)."""
+    return [None if t is None else t.to(like.device) for t in scalars]
 
 
 def _check_device(name: str, tensor: torch.Tensor) -> None:
@@ -486,30 +440,3 @@ def _check_device(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(
             f"{name}: the triton backend runs on {DEVICE_TYPES} tensors here, got {tensor.device}"
         )
-
-
-def _check_same_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}, expected {device}")
-
-
-def _check_scalar_tensors(device: torch.device, **tensors: torch.Tensor | None) -> None:
-    for name, scalar in tensors.items():
-        if scalar is not None:
-            _check_same_device(name, scalar, device)
-            _check_numel(name, scalar, 1)
-
-
-def _check_contiguous(name: str, tensor: torch.Tensor) -> None:
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous: the kernel updates it in place")
-
-
-def _check_numel(name: str, tensor: torch.Tensor, numel: int) -> None:
-    if tensor.numel() != numel:
-        raise ValueError(f"{name} has {tensor.numel()} elements, expected {numel}")
-
-
-def _check_uint8(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dtype != torch.uint8:
-        raise TypeError(f"{name} must be a uint8 packed mask, got {tensor.dtype}")

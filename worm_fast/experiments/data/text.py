@@ -9,6 +9,10 @@
 * ``sst2``, ``mrpc``, ``rte``: GLUE's TSV files from a directory the user names
   (``<dir>/SST-2/train.tsv`` and ``dev.tsv``, likewise ``MRPC/`` and ``RTE/``). GLUE's
   test sets have no labels, so the dev set is the evaluation set, as in the paper.
+  Files are read as the downloads come: with or without a UTF-8 byte-order mark (some
+  MRPC copies have one), LF or CRLF line ends, blank lines skipped; anything else wrong
+  (another encoding, a short row, an unknown label, the unlabeled test split given as
+  train or dev) is reported with the file and line.
 
 Examples are tokenized once with the model's own tokenizer (truncated to ``max_length``,
 sentence pairs for MRPC and RTE) and padded per batch to the batch's longest sequence.
@@ -145,25 +149,54 @@ def _read_glue_split(task: str, data_dir, split: str) -> list[TextExample]:
     path = Path(data_dir).expanduser() / layout.folder / f"{split}.tsv"
     if not path.is_file():
         raise _glue_missing(task, data_dir, f"{path} does not exist")
-    with path.open(encoding="utf-8", newline="") as file:
-        # GLUE's TSVs are not quoted: a quote character is part of the sentence.
-        reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, [])
-        missing = [c for c in _glue_columns(layout) if c not in header]
-        if missing:
-            raise _glue_missing(task, data_dir, f"{path} has no column {', '.join(missing)}")
-        index = {column: header.index(column) for column in _glue_columns(layout)}
-        examples = []
-        for line, row in enumerate(reader, start=2):
-            value = row[index[layout.label]] if len(row) > index[layout.label] else None
-            if value not in layout.label_values:
-                raise ValueError(
-                    f"{path}, line {line}: label {value!r} is not one of {layout.label_values}"
-                )
-            pair = row[index[layout.pair]] if layout.pair is not None else None
-            examples.append(
-                TextExample(row[index[layout.text]], pair, layout.label_values.index(value))
+    try:
+        # utf-8-sig: a leading byte-order mark is dropped, not read into the first column.
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            return _glue_examples(task, data_dir, path, file)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}); GLUE's files are UTF-8: save it as UTF-8 again"
+        ) from None
+
+
+def _glue_examples(task: str, data_dir, path: Path, file) -> list[TextExample]:
+    layout = GLUE_LAYOUTS[task]
+    # GLUE's TSVs are not quoted: a quote character is part of the sentence.
+    reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = [column.strip() for column in next(reader, [])]
+    missing = [c for c in _glue_columns(layout) if c not in header]
+    if missing == [layout.label]:
+        raise ValueError(
+            f"{path} has no label column {layout.label!r} (its columns: {', '.join(header)}): "
+            "it looks like GLUE's unlabeled test split; train.tsv and dev.tsv must be the "
+            "labeled splits (the dev split is the evaluation set)"
+        )
+    if missing:
+        raise _glue_missing(task, data_dir, f"{path} has no column {', '.join(missing)}")
+    index = {column: header.index(column) for column in _glue_columns(layout)}
+    needed = max(index.values()) + 1
+    examples = []
+    for row in reader:
+        line = reader.line_num
+        if not any(field.strip() for field in row):
+            continue  # a blank line (e.g. at the end of the file)
+        if len(row) < needed:
+            raise ValueError(
+                f"{path}, line {line}: {len(row)} tab-separated fields, expected at least "
+                f"{needed} (columns {', '.join(header[:needed])})"
             )
+        value = row[index[layout.label]].strip()
+        if value not in layout.label_values:
+            raise ValueError(
+                f"{path}, line {line}: label {value!r} is not one of {layout.label_values}"
+            )
+        pair = row[index[layout.pair]] if layout.pair is not None else None
+        examples.append(
+            TextExample(row[index[layout.text]], pair, layout.label_values.index(value))
+        )
+    if not examples:
+        raise ValueError(f"{path} has a header but no examples")
     return examples
 
 
