@@ -6,7 +6,7 @@ export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
 # The releases the tests run on; pyproject.toml only sets the ranges users may have.
 TESTED := torch==2.14.1 torchvision==0.29.1 torch-pruning==1.6.1 \
-	transformers==5.24.0 accelerate==1.15.0
+	transformers==5.24.0 accelerate==1.15.0 gymnasium==1.4.0 stable-baselines3==2.9.2
 
 # `make compat`: an older torch (its CPU build, without torchvision, for which no matching
 # build is at hand; only CIFAR-10 needs it), in its own environment.
@@ -14,8 +14,9 @@ COMPAT_TORCH  := 2.13.0
 COMPAT_VENV   := .venv-compat
 COMPAT_PY     := $(CURDIR)/$(COMPAT_VENV)/bin/python
 COMPAT_DIR    := build/compat
-COMPAT_TESTS  := tests/test_ops.py tests/backends/test_cpp.py tests/backends/test_triton.py \
-	tests/optim tests/test_search.py tests/test_representative.py
+COMPAT_TESTS  := tests/test_ops.py tests/test_soft_mask_distance.py tests/backends/test_cpp.py \
+	tests/backends/test_triton.py tests/optim tests/test_search.py tests/test_penalty.py \
+	tests/test_representative.py
 COMPAT_SEARCH := --model resnet20 --width 0.25 --train-subset 96 --test-subset 64 \
 	--batch-size 32 --epochs 2 --retrain-epochs 1 --window 2 --no-progress --no-plots
 
