@@ -11,18 +11,40 @@ Everything else (metadata, dependencies, entry points) is in ``pyproject.toml``.
 * CUDA architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else ``8.0;9.0+PTX`` (A100,
   H100, and PTX that newer GPUs compile at load time), to keep the build short.
 * Built with ninja; ``MAX_JOBS`` limits the parallel compile jobs as usual.
+* The extension is compiled against the torch installed in the building environment,
+  and only runs under that same torch release; it records the version
+  (``worm_fast._C.TORCH_VERSION``), and worm_fast refuses to load it under another.
+  So build *without* build isolation, in the environment that will run it: an isolated
+  build (plain ``pip install .``) sees no torch and stops here with that instruction.
 
-Install (the extension lands in ``worm_fast/`` beside the sources)::
+Install into the current environment, against its torch (``MIN_TORCH`` or newer)::
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation .       # or -e . (the extension lands in worm_fast/)
 """
 
 import os
+import sys
 from pathlib import Path
 
-import torch
 from setuptools import setup
-from torch.utils import cpp_extension
+
+# The oldest torch whose APIs worm_fast uses; the same floor as pyproject.toml's
+# `torch>=` (tests/test_packaging.py checks that they agree; docs/install.md says why).
+MIN_TORCH = "2.6"
+NO_ISOLATION = "pip install --no-build-isolation ."
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "worm_fast compiles its kernels against the torch they will run with, and this "
+        "build environment has none: a build-isolated `pip install .` cannot see the "
+        f"environment's torch. Install torch>={MIN_TORCH} first, then build in that "
+        f"environment with: {NO_ISOLATION}  (with uv: uv pip install --no-build-isolation .)"
+    )
+if torch.__version__ < MIN_TORCH:
+    sys.exit(f"worm_fast needs torch>={MIN_TORCH}; this environment has torch {torch.__version__}")
 
 ROOT = Path(__file__).resolve().parent
 CSRC = Path("csrc")
@@ -51,11 +73,13 @@ def _extension():
         include_dirs=[str(ROOT / CSRC / "include")],
         extra_link_args=["-fopenmp"],
     )
+    # Quoted: a C string literal (torch passes each flag to the compiler unsplit).
+    torch_version = ("WORM_FAST_TORCH_VERSION", f'"{torch.__version__}"')
     if not with_cuda:
         return cpp_extension.CppExtension(
             sources=sources,
             extra_compile_args={"cxx": cxx_flags},
-            define_macros=[("WORM_FAST_WITH_CUDA", "0")],
+            define_macros=[("WORM_FAST_WITH_CUDA", "0"), torch_version],
             **kwargs,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -63,7 +87,7 @@ def _extension():
     return cpp_extension.CUDAExtension(
         sources=sources + _sources("cuda/*.cpp") + _sources("cuda/*.cu"),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        define_macros=[("WORM_FAST_WITH_CUDA", "1")],
+        define_macros=[("WORM_FAST_WITH_CUDA", "1"), torch_version],
         **kwargs,
     )
 

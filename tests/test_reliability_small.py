@@ -53,9 +53,14 @@ def test_a_diverged_search_in_a_trainer_is_saved_as_failed(tmp_path):
 def test_a_missing_extension_is_said_to_be_missing(monkeypatch):
     # Importing a missing _C from inside the package reads "partially initialized module
     # (most likely due to a circular import)"; the reason must say what is wrong.
-    circular = ImportError("cannot import name '_C' from partially initialized module")
+    real = importlib.util.find_spec("worm_fast._C")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert cpp.load_error_reason(circular).startswith("worm_fast._C is not built; build it")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
-    broken = ImportError("undefined symbol: _ZN3c10")
-    assert "does not load (undefined symbol" in cpp.load_error_reason(broken)
+    assert cpp._load().startswith("worm_fast._C is not built; build it with")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: real)
+
+    def broken(name):
+        raise ImportError("undefined symbol: _ZN3c10")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.warns(RuntimeWarning, match=r"failed to load \(undefined symbol"):
+        assert "Rebuild it against this torch" in cpp._load()

@@ -10,6 +10,7 @@ whole words), its argument checks and opcheck of ``torch.ops.worm_fast``.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import worm_fast
 from tests.ops import test_masked_adamw_step, test_masked_sgd_step
 from tests.utils import (
     ADAMW_HYPERPARAMETERS,
@@ -86,6 +88,72 @@ def test_extension_loads_before_or_after_the_schemas():
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_extension_records_the_torch_it_was_built_against():
+    from worm_fast import _C
+
+    assert str(torch.__version__) == _C.TORCH_VERSION
+    assert cpp.recorded_torch_version(_C.__file__) == _C.TORCH_VERSION
+
+
+# Run in a copy of the package whose _C records another torch (or none): worm_fast must
+# not load it, warn once naming both versions and the rebuild command, run the ops on the
+# reference kernels, and `worm-fast backends` must say the same.
+REFUSED_CHECK = """
+import sys, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import worm_fast
+import torch
+from worm_fast import cli, ops
+assert worm_fast.__file__.startswith(sys.argv[1]), worm_fast.__file__
+assert "worm_fast._C" not in sys.modules
+assert not torch._C._dispatch_has_kernel_for_dispatch_key("worm_fast::pack_mask", "CPU")
+assert [w.category for w in caught] == [RuntimeWarning], [str(w.message) for w in caught]
+print(caught[0].message)
+assert ops.pack_mask(torch.tensor([1.0, 0.0, -2.0]), torch.tensor(0.5)).tolist()[0] == 5
+cli.main(["backends"])
+"""
+
+
+@pytest.mark.parametrize("recorded", [b"0.0.0", None], ids=["another-torch", "unrecorded"])
+def test_extension_built_against_another_torch_is_not_loaded(tmp_path, recorded):
+    from worm_fast import _C
+
+    package = tmp_path / "worm_fast"
+    shutil.copytree(
+        Path(worm_fast.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    extension = package / Path(_C.__file__).name
+    data = extension.read_bytes()
+    running = str(torch.__version__).encode()
+    record = cpp.BUILD_RECORD + running
+    assert data.count(record) == 1
+    if recorded is None:  # as built by a worm_fast from before the record
+        patched = b"x" * len(record)
+    else:
+        patched = cpp.BUILD_RECORD + recorded.ljust(len(running), b"\0")
+    extension.write_bytes(data.replace(record, patched))
+
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", REFUSED_CHECK, str(package)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    warning, *table = result.stdout.splitlines()
+    expected = (
+        f"worm_fast._C was built against torch {(recorded or b'(unrecorded)').decode()} but "
+        f"torch {torch.__version__} is running, so it is not loaded: the ops run on the "
+        "reference (and Triton) backends instead. Rebuild it against this torch with "
+        "`pip install --no-build-isolation"
+    )
+    assert warning.startswith(expected), warning
+    rows = {line.split()[0]: line for line in table}
+    assert rows["cpp"].split(maxsplit=2)[1:] == ["no", warning]
+    assert rows["cuda"].split(maxsplit=2)[1:] == ["no", warning]
+    assert rows["reference"].split()[1] == "yes"
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,7 +330,8 @@ def _opcheck_arguments(device):
     return {
         "soft_mask_distance": ((soft_values, soft_window, *soft_constants), {}),
         "soft_mask_distance_backward": (
-            (torch.tensor(1.0), soft_values, soft_window, *soft_constants), {}
+            (torch.tensor(1.0), soft_values, soft_window, *soft_constants),
+            {},
         ),
         "pack_mask": ((values, torch.tensor(0.5)), {}),
         "unpack_mask": ((packed, 210), {}),

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from torchvision import datasets, transforms
+from torch.utils.data import Dataset
 
 from .base import DatasetInfo, DatasetNotFoundError
 
@@ -38,8 +38,12 @@ def _root(data_dir) -> Path:
     return root
 
 
-def load_cifar10(data_dir) -> tuple[datasets.CIFAR10, datasets.CIFAR10, DatasetInfo]:
+def load_cifar10(data_dir) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Train set with the standard augmentation (random crop, pad 4; horizontal flip)."""
+    # Imported here: the rest of worm_fast (MNIST, text, the CLI) runs without torchvision,
+    # e.g. beside a torch for which no matching torchvision build is installed.
+    from torchvision import datasets, transforms
+
     root = _root(data_dir)
     normalize = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
