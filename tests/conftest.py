@@ -7,9 +7,12 @@
   (``OMP_NUM_THREADS``, when set, wins).
 * ``backend_device``: every (backend, device type) pair that ``worm_fast.available()``
   reports as runnable here, so that each op test runs every kernel that can run — the
-  CUDA and Triton kernels included, the day a GPU is present.
+  CUDA and Triton kernels included, the day a GPU is present. A test marked
+  ``compares_with_reference`` gets every pair but the reference's own: compared with
+  itself, the oracle could not fail.
 * Every test that runs on CUDA tensors (a ``backend_device`` or ``device`` parameter of
-  "cuda") is marked ``gpu``: ``make test`` leaves them out, ``make gpu-check`` runs them.
+  "cuda") is marked ``gpu``, so that ``make gpu-check`` can select them (``-m gpu``);
+  without a GPU there are none.
 """
 
 import os
@@ -28,10 +31,14 @@ torch.set_num_threads(
 from tests.utils import RUNNABLE_BACKENDS  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
-@pytest.fixture(params=RUNNABLE_BACKENDS, ids=[f"{b}-{d}" for b, d in RUNNABLE_BACKENDS])
-def backend_device(request) -> tuple[str, str]:
-    """``(backend name, device type)``, e.g. ``("cpp", "cpu")`` or ``("triton", "cuda")``."""
-    return request.param
+def pytest_generate_tests(metafunc):
+    """``backend_device``: ``(backend name, device type)``, e.g. ``("cpp", "cpu")``."""
+    if "backend_device" not in metafunc.fixturenames:
+        return
+    pairs = RUNNABLE_BACKENDS
+    if metafunc.definition.get_closest_marker("compares_with_reference"):
+        pairs = [pair for pair in pairs if pair[0] != "reference"]
+    metafunc.parametrize("backend_device", pairs, ids=[f"{b}-{d}" for b, d in pairs])
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker

@@ -44,14 +44,6 @@ def kernels_of(backend_device: tuple[str, str]) -> ModuleType:
     return backends.resolve(name, torch.device(device_type))
 
 
-def kernels_vs_reference(backend_device: tuple[str, str]) -> ModuleType:
-    """``kernels_of(backend_device)`` for a test that compares it with the reference backend;
-    skips the reference itself, since compared with itself such a test cannot fail."""
-    if backend_device[0] == "reference":
-        pytest.skip("the reference backend is the oracle of this test")
-    return kernels_of(backend_device)
-
-
 def interpreted(backend_device: tuple[str, str]) -> bool:
     """Triton kernels run in the interpreter (no GPU): ~10 ms per program, so their
     tests take the representative subsets below instead of full products."""

@@ -27,7 +27,6 @@ from tests.utils import (
     interpreted,
     kernel_tolerance,
     kernels_of,
-    kernels_vs_reference,
     packed_masks,
     randn,
     random_bytes,
@@ -74,10 +73,11 @@ def assert_matches_reference(kernels, backend, case, mask_kind, what, steps=3, *
         assert_lists_equal(got[1], case[1], f"{what}: grads must not change")
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(backend_device, dtype, mask_kind):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     skip_mask_kind_when_interpreted(backend_device, mask_kind)
     backend, device = backend_device
     for hp in adamw_cases(backend_device):
@@ -90,12 +90,13 @@ def test_matches_reference(backend_device, dtype, mask_kind):
         )
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_multi_tensor_list(backend_device, dtype):
     # Past the C++ serial threshold, with tensors that straddle its 16384-element work
     # items and many GPU blocks.
     skip_large_sizes_when_interpreted(backend_device)
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     sizes = (100_003, 16_384, 16_385, 1, 40_000, 64, 65, 0)
     for amsgrad in (False, True):
         case = adamw_case(sizes, dtype, amsgrad, seed=7, device=backend_device[1])
@@ -105,10 +106,11 @@ def test_large_multi_tensor_list(backend_device, dtype):
         )
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("scalars", ["grad_scale", "lr_tensor", "both"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_device_scalars(backend_device, dtype, scalars):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     backend, device = backend_device
     case = adamw_case(ODD_SIZES, dtype, amsgrad=True, seed=11, device=device)
     hp = dict(amsgrad=True, weight_decay=1e-2, maximize=True)
@@ -132,9 +134,10 @@ def test_device_scalars(backend_device, dtype, scalars):
             assert_lists_equal(a, b, f"{what}: {name} with lr_tensor vs float lr")
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_found_inf_changes_nothing(backend_device, dtype):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     backend, device = backend_device
     case = adamw_case(ODD_SIZES, dtype, amsgrad=True, seed=13, device=device)
     hp = dict(amsgrad=True, weight_decay=1e-2)
@@ -158,9 +161,10 @@ def test_found_inf_changes_nothing(backend_device, dtype):
     )
 
 
+@pytest.mark.compares_with_reference
 def test_trajectory_with_mixed_dtypes(backend_device):
     # One call over every dtype: each tensor gets the bias corrections of its own dtype.
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     backend, device = backend_device
     sizes = (65, 7, 4097, 1)
     ours = adamw_case(sizes, DTYPES, amsgrad=True, device=device)
@@ -177,10 +181,11 @@ def test_trajectory_with_mixed_dtypes(backend_device):
     assert_states_close(backend, ours, theirs, "after 3 steps")
 
 
+@pytest.mark.compares_with_reference
 def test_other_betas_truncations_and_strided_grads_and_masks(backend_device):
     # beta1 < 0.5 takes torch's other lerp formula; r = 0 freezes the Adam update of
     # pruned elements; grads and masks may be strided views.
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     device = backend_device[1]
     params = [randn(6, 11, seed=1, device=device), randn(130, seed=2, device=device)]
     grads = [randn(11, 6, seed=3, device=device).t(), randn(260, seed=4, device=device)[::2]]
@@ -213,8 +218,9 @@ def test_r_one_equals_no_mask(backend_device):
         assert_lists_equal(a, b, name)
 
 
+@pytest.mark.compares_with_reference
 def test_empty_lists_and_empty_tensors(backend_device):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     backend, device = backend_device
     kwargs = adamw_kwargs(weight_decay=1e-2)
     kernels.masked_adamw_step_([], [], [], [], [], [], [], **kwargs)

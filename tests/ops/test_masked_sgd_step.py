@@ -21,7 +21,6 @@ from tests.utils import (
     interpreted,
     kernel_tolerance,
     kernels_of,
-    kernels_vs_reference,
     packed_masks,
     randn,
     random_bytes,
@@ -58,11 +57,12 @@ def assert_matches_reference(kernels, backend, case, what, **kwargs):
         assert_lists_equal(got_b, case[2], f"{what}: buffers without momentum")
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(backend_device, dtype, mask_kind):
     # fp64 at rtol 1e-12 also proves the float hyperparameters reach the kernel unrounded.
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     skip_mask_kind_when_interpreted(backend_device, mask_kind)
     case = sgd_case(ODD_SIZES, dtype, mask_kind, seed=len(mask_kind), device=backend_device[1])
     for hp in sgd_cases(backend_device):
@@ -70,12 +70,13 @@ def test_matches_reference(backend_device, dtype, mask_kind):
         assert_matches_reference(kernels, backend_device[0], case, what, **sgd_kwargs(**hp))
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_multi_tensor_list(backend_device, dtype):
     # Past the C++ serial threshold, with tensors that straddle its 16384-element work
     # items and many GPU blocks.
     skip_large_sizes_when_interpreted(backend_device)
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     sizes = (100_003, 16_384, 16_385, 1, 40_000, 64, 65)
     case = sgd_case(sizes, dtype, "mixed", seed=7, device=backend_device[1])
     hp = dict(momentum=0.9, dampening=0.1, weight_decay=5e-4)
@@ -86,10 +87,11 @@ def test_large_multi_tensor_list(backend_device, dtype):
     )
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("scalars", ["grad_scale", "lr_tensor", "both"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_device_scalars(backend_device, dtype, scalars):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     backend, device = backend_device
     case = sgd_case(ODD_SIZES, dtype, "random", seed=11, device=device)
     hp = dict(momentum=0.9, nesterov=True, weight_decay=1e-2)
@@ -110,10 +112,11 @@ def test_device_scalars(backend_device, dtype, scalars):
         assert_lists_equal(with_tensor[0] + with_tensor[1], with_float[0] + with_float[1])
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("is_first_step", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_found_inf(backend_device, dtype, is_first_step):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     backend, device = backend_device
     case = sgd_case(ODD_SIZES, dtype, "random", seed=13, device=device)
     hp = dict(momentum=0.9, weight_decay=1e-2, is_first_step=is_first_step)
@@ -134,8 +137,9 @@ def test_found_inf(backend_device, dtype, is_first_step):
     )  # fmt: skip
 
 
+@pytest.mark.compares_with_reference
 def test_trajectory_with_mixed_dtypes(backend_device):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     backend, device = backend_device
     sizes = (65, 7, 4097, 1)
     params, _, buffers, _ = sgd_case(sizes, DTYPES, "no_masks", device=device)
@@ -155,8 +159,9 @@ def test_trajectory_with_mixed_dtypes(backend_device):
         assert_close(got, expected, what=f"tensor {k} after 3 steps", **tol)
 
 
+@pytest.mark.compares_with_reference
 def test_truncation_values_and_strided_grads(backend_device):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     device = backend_device[1]
     params = [randn(6, 11, seed=1, device=device), randn(130, seed=2, device=device)]
     grads = [randn(11, 6, seed=3, device=device).t(), randn(260, seed=4, device=device)[::2]]
@@ -179,10 +184,11 @@ def test_r_one_equals_no_mask(backend_device):
     assert_lists_equal(masked[0] + masked[1], plain[0] + plain[1])
 
 
+@pytest.mark.compares_with_reference
 def test_bf16_stores_round_to_nearest_even(backend_device):
     # p - lr * g lands on ties (1 + 3 * 2**-8: even is up; 1 + 2**-8: even is down) or
     # is inf or NaN: the same bf16 values as torch's fp32 -> bf16 rounding.
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     device = backend_device[1]
     grads = torch.tensor([-3 * 2**-8, -(2**-8), float("inf"), float("nan")])
     case = [torch.ones(4, dtype=torch.bfloat16, device=device)], [grads.bfloat16().to(device)]
@@ -191,8 +197,9 @@ def test_bf16_stores_round_to_nearest_even(backend_device):
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.compares_with_reference
 def test_empty_lists_and_empty_tensors(backend_device):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     device = backend_device[1]
     kwargs = sgd_kwargs(momentum=0.9)
     kernels.masked_sgd_step_([], [], [], [], **kwargs)

@@ -9,7 +9,6 @@ from tests.utils import (
     DTYPES,
     ODD_SIZES,
     kernels_of,
-    kernels_vs_reference,
     randn,
     skip_large_sizes_when_interpreted,
 )
@@ -43,11 +42,12 @@ def test_strided_tensor_is_packed_row_major(backend_device):
     assert torch.equal(ops.unpack_mask(packed, 63, backend=backend), expected)
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("size", ODD_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("density", DENSITY_THRESHOLDS)
 def test_matches_reference(backend_device, size, dtype, density):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     device = backend_device[1]
     values = randn(size, dtype=dtype, seed=size, device=device)
     values[::3] = 0.5  # ties with the random threshold: kept = |v| > t, strictly
@@ -60,17 +60,19 @@ def test_matches_reference(backend_device, size, dtype, density):
     assert not bits[size:].any()
 
 
+@pytest.mark.compares_with_reference
 def test_large_tensor_matches_reference(backend_device):
     skip_large_sizes_when_interpreted(backend_device)
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     values = randn(1_000_003, seed=1, device=backend_device[1])  # every thread, many blocks
     threshold = torch.tensor(0.7, device=values.device)
     assert torch.equal(kernels.pack_mask(values, threshold), reference.pack_mask(values, threshold))
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_values(backend_device, dtype):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     base = randn(37, 29, dtype=dtype, seed=3, device=backend_device[1])
     for threshold_dtype in (torch.float32, torch.float64):
         threshold = torch.tensor(0.4, dtype=threshold_dtype, device=base.device)
@@ -81,8 +83,9 @@ def test_non_contiguous_values(backend_device, dtype):
             ), (values.shape, values.stride(), threshold_dtype)
 
 
+@pytest.mark.compares_with_reference
 def test_special_values_and_threshold_dtypes(backend_device):
-    kernels = kernels_vs_reference(backend_device)
+    kernels = kernels_of(backend_device)
     device = backend_device[1]
     values = torch.tensor(
         [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 0.3, -0.3, 1e-30, 0.30000001],

@@ -16,7 +16,6 @@ from tests.utils import (
     assert_close,
     fill_grads,
     interpreted,
-    kernels_vs_reference,
     make_params,
     random_bool_masks,
     run_steps,
@@ -86,9 +85,9 @@ def test_truncation_scales_the_raw_gradient(backend_device, density):
     assert_same_state(opt, ours, ref, theirs, f"{backend} density {density}")
 
 
+@pytest.mark.compares_with_reference
 @pytest.mark.parametrize("density", (0.0, 1.0, 0.5))
 def test_backends_match_reference_with_masks(backend_device, density):
-    kernels_vs_reference(backend_device)  # skips the reference itself: the oracle here
     backend, device = backend_device
     dtypes = (torch.float32, torch.float16) if interpreted(backend_device) else DTYPES
     for dtype, hp in itertools.product(dtypes, HYPERPARAMETERS[::5]):
