@@ -3,6 +3,8 @@ counts (a distance exactly at s, or at s + δ, decides nothing), and the two con
 for when the first mask is taken (after the first trained epoch, or at initialization
 as the Early-Bird code does), with epochs counted as trained epochs either way."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -148,3 +150,16 @@ def test_state_carries_the_convention_and_resumes_exactly():
 def test_bad_first_check_is_refused():
     with pytest.raises(ValueError, match="first_check must be one of"):
         make_search(first_check="before")
+
+
+def test_the_check_at_initialization_prunes_tied_gammas_without_a_warning():
+    # BatchNorm γ start at 1: the Early-Bird rule prunes all of them at initialization,
+    # as the Early-Bird code's first mask does; only a tie after training is worth a warning.
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8))
+    search = EarlyBirdSearch(model, WormSGD(model.parameters(), lr=0.1), first_check="init")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        search.check()
+    assert not search.candidate().bool_masks()["1.weight"].any()
+    with pytest.warns(RuntimeWarning, match="keeps 0 of 8"):
+        search.check()  # still all tied after "an epoch" that changed nothing

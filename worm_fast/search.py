@@ -19,7 +19,9 @@ check after each trained epoch, so check ``k`` is epoch ``k``. ``"init"`` is the
 original Early-Bird code's convention: the first check is made on the untrained
 initialization (epoch 0), then after each trained epoch, so the window is full after
 ``l − 1`` trained epochs instead of ``l``. Either way ``CheckRecord.epoch`` and the
-ticket's epoch count trained epochs.
+ticket's epoch count trained epochs. BatchNorm γ all start at 1, so the Early-Bird rule
+prunes every one of them at initialization (as the Early-Bird code's mask does): that
+check gives no warning about ties, later ones do.
 
 Mode ``gradient`` stops by the same rule, and its ``penalty()`` is a loss term that
 pushes the mask to settle (``worm_fast.penalty``). Mode ``rl`` replaces the rule with a
@@ -346,7 +348,8 @@ class EarlyBirdSearch:
             self.ticket = self.candidate()
         record = CheckRecord(epoch, d_max, d_avg, r, triggered_at == epoch, converged, full)
         self.records.append(record)
-        self._warn_about_ties(int(kept_count))
+        if epoch > 0:  # at initialization equal magnitudes are expected (BatchNorm γ = 1)
+            self._warn_about_ties(int(kept_count))
         if cfg["mode"] == "rl":
             self._observe(record, train_loss, kept_count / numel)
             if self.policy is not None:
