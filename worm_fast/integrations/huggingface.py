@@ -24,7 +24,9 @@ Trainer's optimizer when training begins, runs one check of Algorithm 1 at every
 end (or every ``check_every_steps`` optimizer steps), and stops training once the ticket
 converges. Search settings default to the paper's for transformers (stop distance 0.01,
 window 3, trigger margin 0.005, r = 3e-3, prune ratio 0.5, query and key weights as
-representative layers). Modes ``worm`` and ``truncate`` need a WormAdamW (or WormSGD);
+representative layers); the first mask is taken after the first epoch unless
+``first_check="init"`` (the paper presets' convention), which adds a check of the
+untrained model when training begins. Modes ``worm`` and ``truncate`` need a WormAdamW (or WormSGD);
 ``eb`` and ``gradient`` work with any optimizer.
 
 The search survives ``trainer.train(resume_from_checkpoint=...)``: every checkpoint the
@@ -125,7 +127,10 @@ class WormCallback(TrainerCallback):
                 f"WormCallback got unknown keyword(s) {', '.join(unknown)}; EarlyBirdSearch "
                 f"takes {', '.join(sorted(defaults))}"
             )
-        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), **search_kwargs}
+        # A check at every epoch end (or every k steps), as EarlyBirdSearch's default;
+        # first_check="init" adds the paper presets' check before training.
+        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), "first_check": "epoch",
+                              **search_kwargs}  # fmt: skip
         settings = {**defaults, **self.search_kwargs}
         check_settings(
             **{name: settings[name] for name in inspect.signature(check_settings).parameters}
@@ -157,6 +162,8 @@ class WormCallback(TrainerCallback):
         self.checks = []
         if state.global_step > 0:  # resumed from a checkpoint
             self._resume(args, state, control)
+        elif self.search.config["first_check"] == "init":  # the untrained model's mask
+            self._check(state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.check_every_steps is not None and state.global_step % self.check_every_steps == 0:
@@ -205,11 +212,12 @@ class WormCallback(TrainerCallback):
             self._save_checks(error=str(error))
             raise
         entry = asdict(record)
-        entry["check"] = entry.pop("epoch")  # the record counts checks, not Trainer epochs
+        del entry["epoch"]  # the Trainer's epoch is the one recorded
+        entry["check"] = len(self.search.records)
         self.checks.append({**entry, "global_step": state.global_step, "epoch": state.epoch})
         logger.info(
             "Early-Bird check %d at step %d: d_max=%s d_avg=%s r=%g%s",
-            record.epoch, state.global_step, record.d_max, record.d_avg, record.r,
+            entry["check"], state.global_step, record.d_max, record.d_avg, record.r,
             " (converged)" if record.converged else "",
         )  # fmt: skip
         self._save_checks()
