@@ -1,23 +1,35 @@
 """Early-Bird / WORM ticket search inside a Hugging Face ``Trainer`` run.
 
+For example, on a tiny random BERT and random "sentences" (your model and dataset go
+there)::
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
     from transformers import Trainer, TrainingArguments
+
+    from worm_fast import prune
     from worm_fast.integrations.huggingface import WormCallback, load_ticket, worm_adamw
 
-    args = TrainingArguments("out", num_train_epochs=10, learning_rate=2e-5)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=37)
+    model = BertForSequenceClassification(config)
+    train = [{"input_ids": torch.randint(1, 100, (8,)), "labels": i % 2} for i in range(32)]
+
+    args = TrainingArguments("out", num_train_epochs=10, learning_rate=2e-5, report_to="none")
     trainer = Trainer(
         model=model, args=args, train_dataset=train,
         optimizer_cls_and_kwargs=worm_adamw(args),  # truncation fused into AdamW's step
         callbacks=[WormCallback(mode="worm", save_dir="out/ticket")],
     )
     trainer.train()  # stops at the epoch end where the ticket converges
-    worm_fast.prune.apply_unstructured(model, load_ticket("out/ticket/ticket.pt").bool_masks())
+    prune.apply_unstructured(model, load_ticket("out/ticket/ticket.pt").bool_masks())
 
 WORM-gradient (``mode="gradient"``) adds the search's penalty to the training loss, which
 a callback cannot do: train with :class:`WormTrainer`, a ``Trainer`` whose
-``compute_loss`` adds it (or add ``callback.penalty()`` in your own ``compute_loss``)::
-
-    trainer = WormTrainer(model=model, args=args, train_dataset=train,
-                          callbacks=[WormCallback(mode="gradient", save_dir="out/ticket")])
+``compute_loss`` adds it (or add ``callback.penalty()`` in your own ``compute_loss``):
+``WormTrainer(model=model, args=args, train_dataset=train,
+callbacks=[WormCallback(mode="gradient", save_dir="out/ticket")])``.
 
 The callback builds an :class:`~worm_fast.search.EarlyBirdSearch` over the model and the
 Trainer's optimizer when training begins, runs one check of Algorithm 1 at every epoch

@@ -1,9 +1,24 @@
 """Where the time, work and energy of a run went, phase by phase (search, prune, retrain).
 
-    profiler = PhaseProfiler(device)
+For example (a step's costs are computed once, then counted per step)::
+
+    import torch
+    from worm_fast import WormSGD
+    from worm_fast.profiling import PhaseProfiler, model_flops, sgd_step_cost
+
+    model = torch.nn.Linear(32, 10)
+    optimizer = WormSGD(model.parameters(), lr=0.1, momentum=0.9)
+    inputs, labels = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    flops = model_flops(model, (inputs,))
+    cost = sgd_step_cost(model.parameters(), momentum=0.9, masked_numel=0)
+
+    profiler = PhaseProfiler("cpu")
     with profiler.phase("search"):
-        ...  # train
-        profiler.add_steps(steps, model_flops_per_step=flops.train_step, optimizer_per_step=cost)
+        for _ in range(10):  # your training steps
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+            optimizer.step()
+        profiler.add_steps(10, model_flops_per_step=flops.train_step, optimizer_per_step=cost)
     print(profiler.format_table())
 
 Each phase records wall time (CUDA synchronized at its edges), steps, the model FLOPs and
