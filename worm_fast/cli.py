@@ -431,11 +431,14 @@ def _run(args: argparse.Namespace, config: RunConfig, variants: dict[str, dict])
         report.plot_mask_distances(document, args.out / "mask_distance.png")
         report.plot_losses(document, args.out / "loss.png")
     print(report.paper_table(document))
+    if effects := report.paired_effects(document):
+        print(effects)
     if args.command == "profile":
         print(report.full_profile(document["runs"][0]["profile"]))
     else:
         print(report.profile_table(document))
-    print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, phases.csv, table.md"
+    print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, summary.csv, phases.csv, "
+          "table.md"
           + ("" if args.no_plots else ", mask_distance.png, loss.png") + ")")  # fmt: skip
     return 0
 

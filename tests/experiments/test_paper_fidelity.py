@@ -190,7 +190,7 @@ def _profile() -> dict:
     return profiler.to_dict()
 
 
-def _entry(variant, mode="worm", truncation=3e-3, retrain_epochs=2, **metrics):
+def _entry(variant, mode="worm", truncation=3e-3, retrain_epochs=2, seed=0, **metrics):
     base = dict(
         converged=True, search_epochs=4, trigger_epoch=None,
         trigger_possible=mode in ("worm", "truncate") and truncation < 1,
@@ -198,7 +198,7 @@ def _entry(variant, mode="worm", truncation=3e-3, retrain_epochs=2, **metrics):
         restore_epochs=1, time_to_restore_seconds=50.0, total_seconds=60.0,
     )  # fmt: skip
     config = dict(mode=mode, truncation=truncation, retrain_epochs=retrain_epochs)
-    return dict(variant=variant, seed=0, status="complete", config=config,
+    return dict(variant=variant, seed=seed, status="complete", config=config,
                 metrics={**base, **metrics}, rows=[], profile=_profile())  # fmt: skip
 
 
@@ -236,6 +236,21 @@ def test_censored_counts_are_lower_bounds_with_how_many_runs_got_there(tmp_path)
         summary = {row["variant"]: row for row in csv.DictReader(file)}
     assert summary["WORM"]["converged_runs"] == "1" and summary["WORM"]["runs"] == "2"
     assert summary["WORM"]["search_epochs_bound"] == "5.0"
+
+
+def test_paired_effects_say_whether_an_effect_exceeds_the_seed_to_seed_spread():
+    runs = [
+        *(_entry("EB Train", mode="eb", seed=seed, search_epochs=epochs, total_seconds=60.0 + seed)
+          for seed, epochs in enumerate((6, 7, 6))),
+        *(_entry("WORM", seed=seed, search_epochs=epochs, total_seconds=60.0 - seed)
+          for seed, epochs in enumerate((5, 6, 5))),
+    ]  # fmt: skip
+    lines = report.paired_effects(_document(runs)).splitlines()
+    rows = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert rows["Ticket Search Epoch Count"].endswith("| -1 | 0 | 3 | yes |")
+    assert rows["Pre-Pruned Acc."].endswith("| no |")  # no difference at all
+    assert rows["Total Time"].endswith("| -2s | 2s | 3 | no |")  # -2 ± 2 s: within the spread
+    assert report.paired_effects(_document(runs[:1] + runs[3:4])) == ""  # one seed: no spread
 
 
 def test_text_tables_count_converged_runs_and_bound_censored_epochs():

@@ -16,6 +16,7 @@ import datetime
 import io
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -172,6 +173,49 @@ def paper_table(document: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+# What `paired_effects` compares between variants, seed by seed.
+EFFECT_METRICS = {
+    "Ticket Search Epoch Count": "search_epochs",
+    "Pre-Pruned Acc.": "pre_pruned_accuracy",
+    "Retrain Acc. after One Epoch": "retrain_accuracy_1",
+    "Time to Restoration": "time_to_restore_seconds",
+    "Total Time": "total_seconds",
+}
+
+
+def paired_effects(document: dict) -> str:
+    """Each variant against the first, seed by seed (the variants of a seed start from the
+    same weights): the mean difference, the standard deviation of the differences across
+    seeds, and whether the effect is larger than that spread. Empty with fewer than two
+    seeds where both runs completed."""
+    variants = list(document["variants"])
+    runs = {(run["variant"], run["seed"]): run["metrics"] for run in document["runs"]
+            if run["status"] == "complete"}  # fmt: skip
+    baseline, lines = variants[0], []
+    for variant in variants[1:]:
+        for label, key in EFFECT_METRICS.items():
+            pairs = [(runs[variant, seed], metrics) for (name, seed), metrics in runs.items()
+                     if name == baseline and (variant, seed) in runs]  # fmt: skip
+            diffs = [ours[key] - theirs[key] for ours, theirs in pairs
+                     if ours.get(key) is not None and theirs.get(key) is not None]  # fmt: skip
+            if len(diffs) < 2:
+                continue
+            mean, spread = statistics.fmean(diffs), statistics.stdev(diffs)
+            censored = key == "search_epochs" and not all(
+                ours["converged"] and theirs["converged"] for ours, theirs in pairs
+            )
+            verdict = "yes" if abs(mean) > spread else "no"
+            lines.append(
+                f"| {variant} | {label}{' (some not converged)' if censored else ''} | "
+                f"{_format(mean, key)} | {_format(spread, key)} | {len(diffs)} | {verdict} |"
+            )
+    if not lines:
+        return ""
+    header = (f"| vs {baseline}, paired by seed | metric | mean difference | SD of the "
+              "differences | seeds | larger than the spread? |")  # fmt: skip
+    return "\n".join([header, "|---|---|---|---|---|---|", *lines]) + "\n"
+
+
 def rl_evaluation_table(rows: list[dict]) -> str:
     """WORM-RL's policy on held-out seeds (``worm_fast.rl.train.evaluate``): per seed and
     on average, the check where the policy, Early-Bird's rule and the best stop in
@@ -307,7 +351,8 @@ def write_results(out_dir: str | os.PathLike, document: dict) -> dict[str, Path]
     atomic_write_text(paths["runs.csv"], _csv_text(run_rows, metric_columns))
     atomic_write_text(paths["summary.csv"], _csv_text(summary_rows, summary_columns))
     atomic_write_text(paths["phases.csv"], _csv_text(phase_rows, phase_columns))
-    atomic_write_text(paths["table.md"], paper_table(document) + "\n" + profile_table(document))
+    tables = [paper_table(document), paired_effects(document), profile_table(document)]
+    atomic_write_text(paths["table.md"], "\n".join(table for table in tables if table))
     return paths
 
 
