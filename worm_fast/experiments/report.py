@@ -140,11 +140,12 @@ def conventions(config: dict) -> str:
              if config["first_check"] == "init" else "after every trained epoch")  # fmt: skip
     return (
         f"Epochs are trained epochs; the first mask is taken {first}. Restoration: retrain "
-        f"epochs until {goal} (--restore-target {config['restore_target']}); Time to "
-        "Restoration: search, pruning and those retrain epochs; Total Time: all "
-        f"{config['retrain_epochs']} retrain epochs. Means over each variant's complete "
-        'runs; "≥ x (k/n …)": only k of n runs got there, x counts the others at the '
-        "epochs (or time) they ran, so the true mean is at least x."
+        f"epochs until {goal} (--restore-target {config['restore_target']}). Times: the "
+        "search, the pruning and the retrain epochs up to that target (Time to "
+        f"Restoration) or all {config['retrain_epochs']} of them (Total Time, Time to "
+        "Prune and Re-train). Means over each variant's complete runs; "
+        '"≥ x (k/n …)": only k of n runs got there, x counts the others at the epochs '
+        "(or time) they ran, so the true mean is at least x."
     )
 
 
@@ -385,6 +386,9 @@ def plot_mask_distances(document: dict, path: str | os.PathLike) -> Path:
     WORM's trigger line."""
     config = document["base_config"]
     figure, axis = plt.subplots(figsize=(7, 4.2))
+    if not any(full_window_series(run, "d_max")[0] for run in document["runs"]):
+        axis.text(0.02, 0.93, f"no search has reached a full window of {config['window']} masks",
+                  ha="left", transform=axis.transAxes)  # fmt: skip
     for index, variant in enumerate(document["variants"]):
         runs = [run for run in document["runs"] if run["variant"] == variant]
         color = f"C{index}"
