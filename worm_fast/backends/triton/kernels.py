@@ -285,9 +285,9 @@ def _masked_adamw_step_kernel(
     if grad_scale_ptr is not None:
         g = g / _to_acc(tl.load(grad_scale_ptr), param_ptr)
     truncation = _from_bits(truncation_bits, param_ptr)
-    if mask_ptr is not None:
-        kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
+    if mask_ptr is not None:  # noqa: SIM102  (compile-time conditions, one at a time)
         if TRUNCATE_GRADIENT:
+            kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
             g = tl.where(kept, g, g * truncation)
     if MAXIMIZE:
         g = -g
@@ -309,6 +309,7 @@ def _masked_adamw_step_kernel(
     update = m / (_sqrt(v) / bias_correction2_sqrt + _from_bits(eps_bits, param_ptr))
     if mask_ptr is not None:  # noqa: SIM102  (compile-time conditions, one at a time)
         if not TRUNCATE_GRADIENT:
+            kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
             update = tl.where(kept, update, update * truncation)
     p = p - lr / bias_correction1 * update
     tl.store(param_ptr + index, _to_storage(p, param_ptr), mask=inside)
