@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <unordered_map>
 
 namespace worm_fast {
@@ -149,17 +150,20 @@ void check_masked_sgd_args(at::TensorList params, at::TensorList grads,
   }
 }
 
-void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
+bool check_masked_adamw_args(at::TensorList params, at::TensorList grads,
                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                              at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                              const c10::List<std::optional<at::Tensor>>& masks, double beta1,
                              double beta2, double truncation, bool amsgrad,
-                             c10::DeviceType device_type) {
+                             c10::string_view truncate, c10::DeviceType device_type) {
   const auto n = params.size();
   check_list_sizes(kAdamW, n, grads, masks);
   check_fraction(kAdamW, "beta1", beta1, false);
   check_fraction(kAdamW, "beta2", beta2, false);
   check_fraction(kAdamW, "truncation", truncation, true);
+  TORCH_CHECK(truncate == "update" || truncate == "gradient", kAdamW,
+              "truncate must be 'update' or 'gradient', got '", std::string(truncate), "'");
+  const bool truncate_gradient = truncate == "gradient";
   TORCH_CHECK(exp_avgs.size() == n, kAdamW, "expected one exp_avg per param (", n, "), got ",
               exp_avgs.size());
   TORCH_CHECK(exp_avg_sqs.size() == n, kAdamW, "expected one exp_avg_sq per param (", n,
@@ -176,7 +180,7 @@ void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
                 max_exp_avg_sqs.size());
   }
   if (n == 0) {
-    return;
+    return truncate_gradient;
   }
   const c10::Device device = device_of(params, device_type);
   DistinctOutputs written(kAdamW);
@@ -203,6 +207,7 @@ void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
     written.add("state_steps", i, step);
     check_mask(kAdamW, masks, i, p, device);
   }
+  return truncate_gradient;
 }
 
 void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,

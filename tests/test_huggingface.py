@@ -139,3 +139,12 @@ def test_resuming_a_checkpoint_without_search_state_starts_afresh(tmp_path, capl
         train(tmp_path, resumed, epochs=2, resume_from=checkpoint)
     assert "starts afresh" in caplog.text
     assert [c["global_step"] for c in resumed.checks] == [12]
+
+
+def test_first_check_init_checks_the_untrained_model_when_training_begins(tmp_path):
+    callback = WormCallback(mode="eb", stop_distance=1e-9, window=2, first_check="init")
+    train(tmp_path, callback, epochs=2)
+    assert [c["global_step"] for c in callback.checks] == [0, 6, 12]
+    assert [c["check"] for c in callback.checks] == [1, 2, 3]
+    assert [record.epoch for record in callback.search.records] == [0, 1, 2]
+    assert callback.checks[0]["d_max"] is None and callback.checks[1]["window_full"]

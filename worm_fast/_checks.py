@@ -8,9 +8,10 @@ tensor for a meta tensor mixed among CPU tensors, or do nothing for a step).
 ``worm_fast.ops`` validates user input before it gets here, with friendlier messages.
 
 Rules beyond shapes and devices: the optimizer steps compute in the parameters' dtype
-(float32, float64, float16 or bfloat16 only); ``truncation`` is in [0, 1] and AdamW's
-betas in [0, 1); the tensors a step writes are distinct (a step count or buffer shared by
-two parameters would be advanced twice on one backend and once on another); scalar
+(float32, float64, float16 or bfloat16 only); ``truncation`` is in [0, 1], AdamW's
+betas in [0, 1) and its ``truncate`` one of ``ADAMW_TRUNCATE``; the tensors a step
+writes are distinct (a step count or buffer shared by two parameters would be advanced
+twice on one backend and once on another); scalar
 tensors (``threshold``, ``lr_tensor``, ``grad_scale``, ``found_inf``) have one element
 and live on the tensors' device or on the CPU.
 """
@@ -23,6 +24,10 @@ import torch
 WORD_BITS = 64
 
 STEP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# Where masked_adamw_step_ truncates: the Adam update of pruned elements, or their raw
+# gradient before the moments (the paper's rule, which Adam's normalization undoes).
+ADAMW_TRUNCATE = ("update", "gradient")
 
 
 def packed_nbytes(numel: int) -> int:
@@ -142,6 +147,7 @@ def check_adamw_step(
     amsgrad: bool,
     truncation: float,
     scalars: dict[str, torch.Tensor | None],
+    truncate: str = "update",
     fake: bool = False,
 ) -> None:
     """``masked_adamw_step_``'s arguments; ``fake``: meta or fake tensors."""
@@ -161,10 +167,16 @@ def check_adamw_step(
     check_fraction("beta1", beta1, closed=False)
     check_fraction("beta2", beta2, closed=False)
     check_fraction("truncation", truncation, closed=True)
+    check_adamw_truncate(truncate)
     states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         states["max_exp_avg_sqs"] = max_exp_avg_sqs
     _check_step_tensors(params, grads, states, {"state_steps": state_steps}, masks, scalars, fake)
+
+
+def check_adamw_truncate(truncate: str) -> None:
+    if truncate not in ADAMW_TRUNCATE:
+        raise ValueError(f"truncate must be one of {ADAMW_TRUNCATE}, got {truncate!r}")
 
 
 def check_fraction(name: str, value: float, *, closed: bool) -> None:

@@ -35,13 +35,14 @@ _SCHEMAS = {
         "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
     ),
     # One fused AdamW step (decoupled weight decay); increments the float32 `state_steps`.
-    # Truncation scales the Adam update of pruned elements (see backends.reference).
+    # Truncation scales the Adam update of pruned elements (truncate="update") or their
+    # raw gradient (truncate="gradient"); see backends.reference.
     "masked_adamw_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
         "Tensor?[] masks, *, float lr, float beta1, float beta2, float weight_decay, "
         "float eps, bool amsgrad, bool maximize, float truncation, Tensor? lr_tensor=None, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+        'Tensor? grad_scale=None, Tensor? found_inf=None, str truncate="update") -> ()'
     ),
     # WORM-gradient's mask distance: the mean over the rows of `window` [l, nbytes] and the
     # elements of `values` of |sigmoid((|v| - thresholds[k]) / temperatures[k]) - bit|, v an
@@ -101,11 +102,11 @@ def _masked_sgd_step_fake(
 def _masked_adamw_step_fake(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, *, beta1,
     beta2, amsgrad, truncation, lr_tensor=None, grad_scale=None, found_inf=None,
-    **hyperparameters,
+    truncate="update", **hyperparameters,
 ):  # fmt: skip
     _checks.check_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
-        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation,
+        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation, truncate=truncate,
         scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
         fake=True,
     )  # fmt: skip

@@ -23,9 +23,12 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from worm_fast import backends
+from worm_fast._checks import ADAMW_TRUNCATE
 from worm_fast.experiments import report
 from worm_fast.experiments.config import (
     CNN_DEFAULTS,
+    COMMON_DEFAULTS,
+    LR_SCHEDULES,
     OPTIMIZERS,
     PRUNE_METHODS,
     TEXT_DEFAULTS,
@@ -34,6 +37,7 @@ from worm_fast.experiments.config import (
 from worm_fast.experiments.data import DATASETS, TEXT_TASKS, DatasetNotFoundError
 from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, ModelNotFoundError
 from worm_fast.experiments.pipeline import SetupError
+from worm_fast.experiments.presets import RUN_PRESETS
 from worm_fast.experiments.variants import (
     TABLE_I_TRUNCATIONS,
     check_variants,
@@ -48,7 +52,7 @@ from worm_fast.representative import PRESETS
 from worm_fast.rl.observation import ObservationLayout
 from worm_fast.rl.policy import DEFAULT_STOP_PENALTY, DEFAULT_TIMESTEPS, PolicyError
 from worm_fast.rl.session import DEFAULT_REWARD_STEPS, DEFAULT_VALIDATION_FRACTION
-from worm_fast.search import MODES, NonFiniteError
+from worm_fast.search import FIRST_CHECKS, MODES, NonFiniteError
 
 
 def _by_kind(key: str) -> str:
@@ -60,8 +64,22 @@ def _subset_size(text: str) -> int | str:
     return text if text == "all" else int(text)
 
 
+def _common(key: str) -> str:
+    return f"default: {COMMON_DEFAULTS[key]}"
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     defaults = RunConfig()
+    parser.add_argument(
+        "--preset",
+        choices=list(RUN_PRESETS),
+        help="the paper's settings for a run, each sourced; options given explicitly "
+        "override them. "
+        + " ".join(
+            f"{name}: {preset.describe()}.".replace("%", "%%")
+            for name, preset in RUN_PRESETS.items()
+        ),
+    )
     data = parser.add_argument_group(
         "model and data",
         "CNNs train from scratch on an image dataset (--dataset); text tasks (--task) "
@@ -99,8 +117,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--max-length",
         type=int,
-        default=defaults.max_length,
-        help="text: tokens per sequence after truncation (default: %(default)s)",
+        help=f"text: tokens per sequence after truncation ({_common('max_length')})",
     )
     training = parser.add_argument_group("training")
     training.add_argument(
@@ -116,18 +133,40 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         choices=OPTIMIZERS,
         help=f"WormSGD or WormAdamW ({_by_kind('optimizer')})",
     )
-    training.add_argument("--lr", type=float, help=f"held constant ({_by_kind('lr')})")
-    training.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD only")
+    training.add_argument("--lr", type=float, help=_by_kind("lr"))
+    training.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="the learning rate held constant, or decayed linearly to 0 over each phase's "
+        f"steps (search: --epochs, retraining: --retrain-epochs) ({_common('lr_schedule')})",
+    )
+    training.add_argument("--momentum", type=float, help=f"SGD only ({_common('momentum')})")
+    training.add_argument(
+        "--adamw-truncate",
+        choices=ADAMW_TRUNCATE,
+        default=defaults.adamw_truncate,
+        help="adamw: truncation scales the Adam update of pruned weights (update, "
+        "worm_fast's default) or their raw gradient (gradient, the paper's rule) "
+        "(default: %(default)s)",
+    )
     training.add_argument("--weight-decay", type=float, help=_by_kind("weight_decay"))
     training.add_argument("--seed", type=int, default=defaults.seed)
     training.add_argument("--device", default=defaults.device)
     training.add_argument("--backend", choices=("auto", *backends.NAMES), default="auto")
     search = parser.add_argument_group("search (Algorithm 1)")
-    search.add_argument("--prune-ratio", type=float, default=defaults.prune_ratio)
+    search.add_argument("--prune-ratio", type=float, help=_common("prune_ratio"))
     search.add_argument("--stop-distance", type=float, help=_by_kind("stop_distance"))
     search.add_argument("--window", type=int, help=_by_kind("window"))
     search.add_argument("--trigger-margin", type=float, help=_by_kind("trigger_margin"))
-    search.add_argument("--truncation", type=float, default=defaults.truncation)
+    search.add_argument("--truncation", type=float, help=_common("truncation"))
+    search.add_argument(
+        "--first-check",
+        choices=FIRST_CHECKS,
+        help="when the first mask is taken: after the first trained epoch (epoch), or on "
+        "the untrained initialization, as the Early-Bird code does (init; the window is "
+        f"full one epoch sooner); epochs count trained epochs either way "
+        f"({_common('first_check')}; the presets: init)",
+    )
     search.add_argument("--scope", choices=SCOPES, default=defaults.scope)
     search.add_argument(
         "--ties",
@@ -161,7 +200,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--prune",
         choices=PRUNE_METHODS,
         default=defaults.prune,
-        help="apply the ticket as masks (the paper) or remove channels",
+        help="apply the ticket as masks (the paper), remove channels, or not at all (none: "
+        "the dense baseline on the same budget)",
+    )
+    search.add_argument(
+        "--restore-target",
+        metavar="relative:F|absolute:A",
+        help="restoration epochs are counted until the test accuracy reaches F x the "
+        "pre-pruned accuracy (relative:0.9) or A %% (absolute:90, what the paper's "
+        f"Tables II/III fit); both 90 %% counts are in every runs.csv "
+        f"({_common('restore_target')})",
     )
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=Path("runs/latest"), help="results directory")
@@ -201,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     compare.add_argument(
         "--with-truncate", action="store_true", help="also truncate from the first check"
+    )
+    compare.add_argument(
+        "--with-dense",
+        action="store_true",
+        help="also the dense baseline (Table IV): EB Train's search sets the budget, "
+        "nothing is pruned, the same retraining follows",
     )
     sweep = commands.add_parser("sweep", help="truncation factors over the whole search (Table I)")
     _add_run_options(sweep)
@@ -291,7 +345,9 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
     if args.command in ("search", "profile"):
         return {args.mode: {"mode": args.mode}}
     if args.command == "compare":
-        return compare_variants(with_truncate=args.with_truncate, modes=args.modes)
+        return compare_variants(
+            with_truncate=args.with_truncate, with_dense=args.with_dense, modes=args.modes
+        )
     if args.command == "value-masking":
         return value_masking_variants(args.mode)
     return sweep_variants(args.truncations)
@@ -375,11 +431,14 @@ def _run(args: argparse.Namespace, config: RunConfig, variants: dict[str, dict])
         report.plot_mask_distances(document, args.out / "mask_distance.png")
         report.plot_losses(document, args.out / "loss.png")
     print(report.paper_table(document))
+    if effects := report.paired_effects(document):
+        print(effects)
     if args.command == "profile":
         print(report.full_profile(document["runs"][0]["profile"]))
     else:
         print(report.profile_table(document))
-    print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, phases.csv, table.md"
+    print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, summary.csv, phases.csv, "
+          "table.md"
           + ("" if args.no_plots else ", mask_distance.png, loss.png") + ")")  # fmt: skip
     return 0
 

@@ -210,10 +210,16 @@ def prepare_masked_adamw_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
+    truncate: str = "update",
 ) -> Callable[[], None]:
-    """Validate the arguments of :func:`masked_adamw_step_` now; return the step, to run later."""
+    """Validate the arguments of :func:`masked_adamw_step_` now; return the step, to run later.
+
+    ``truncate``: ``"update"`` scales the Adam update of pruned elements by ``truncation``,
+    ``"gradient"`` their raw gradient (see ``backends.reference.masked_adamw_step_``).
+    """
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
         _checks.check_fraction(f"masked_adamw_step_: {name}", beta, closed=False)
+    _checks.check_adamw_truncate(truncate)
     return _fused_step(
         "masked_adamw_step_",
         params,
@@ -228,7 +234,7 @@ def prepare_masked_adamw_step(
         scalars=dict(
             lr=float(lr), beta1=float(beta1), beta2=float(beta2),
             weight_decay=float(weight_decay), eps=float(eps), amsgrad=bool(amsgrad),
-            maximize=bool(maximize), truncation=float(truncation),
+            maximize=bool(maximize), truncation=float(truncation), truncate=truncate,
         ),
         tensors=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
         backend=backend,

@@ -8,6 +8,21 @@ mask is the ticket; else if the window is full, the mode is ``worm`` and
 optimizer gets the newest mask with the ``r`` now in force, so the training after the
 trigger check is already truncated and every later check refreshes the mask.
 
+Both decisions are made on integer counts: the differing bits of each older mask against
+``s · bits`` (and their sum against ``(s + δ) · bits · (l − 1)``), with ``s`` and ``δ``
+read as the decimals they are written as, so a distance exactly at ``s`` (or at
+``s + δ``) neither stops (nor triggers), as Algorithm 1's strict ``<`` says; a float
+comparison would let ``0.1 + 0.05 = 0.15000000000000002`` admit ``d_avg = 0.15``.
+
+When the first mask is taken (``first_check``): ``"epoch"`` (the default) expects a
+check after each trained epoch, so check ``k`` is epoch ``k``. ``"init"`` is the
+original Early-Bird code's convention: the first check is made on the untrained
+initialization (epoch 0), then after each trained epoch, so the window is full after
+``l − 1`` trained epochs instead of ``l``. Either way ``CheckRecord.epoch`` and the
+ticket's epoch count trained epochs. BatchNorm γ all start at 1, so the Early-Bird rule
+prunes every one of them at initialization (as the Early-Bird code's mask does): that
+check gives no warning about ties, later ones do.
+
 Mode ``gradient`` stops by the same rule, and its ``penalty()`` is a loss term that
 pushes the mask to settle (``worm_fast.penalty``). Mode ``rl`` replaces the rule with a
 learned policy that sees the recent distances, the epoch fraction, the training-loss
@@ -27,6 +42,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -39,6 +55,9 @@ from worm_fast.representative import select as select_representative
 from worm_fast.rl.observation import ACTIONS, STOP, TRIGGER, CheckFeatures, ObservationLayout
 
 MODES = ("eb", "truncate", "worm", "gradient", "rl")
+# When the first mask is taken: after the first trained epoch, or at initialization (the
+# Early-Bird code's convention); see the module docstring.
+FIRST_CHECKS = ("epoch", "init")
 # A policy: an observation vector in, an action index (rl.observation.ACTIONS) out.
 Policy = Callable[[object], int]
 # Warn (once) when a mask keeps more than this fraction of the elements (and at least two
@@ -61,10 +80,13 @@ def check_settings(
     truncation: float,
     scope: str = "global",
     ties: str = "early_bird",
+    first_check: str = "epoch",
 ) -> None:
     """Raise ValueError naming the first search setting out of range (Algorithm 1)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if first_check not in FIRST_CHECKS:
+        raise ValueError(f"first_check must be one of {FIRST_CHECKS}, got {first_check!r}")
     for name, value in (
         ("prune_ratio", prune_ratio),
         ("stop_distance", stop_distance),
@@ -92,7 +114,7 @@ def check_settings(
 class CheckRecord:
     """What one check saw and decided. ``d_max``/``d_avg`` are None until two masks exist."""
 
-    epoch: int  # 1-based index of the check
+    epoch: int  # trained epochs before the check (0: the check at initialization)
     d_max: float | None
     d_avg: float | None
     r: float  # truncation factor in force after this check
@@ -105,7 +127,7 @@ class CheckRecord:
 class Ticket:
     """The converged masks: packed (DESIGN §3.1) by representative parameter name."""
 
-    epoch: int
+    epoch: int  # trained epochs behind the masks
     packed: dict[str, torch.Tensor]
     shapes: dict[str, torch.Size]
 
@@ -147,6 +169,13 @@ class EarlyBirdSearch:
             code does; a warning says when that prunes far more than ``prune_ratio``) or
             ``exact`` (exactly that fraction pruned, ties by index); see
             :func:`worm_fast.masks.compute_masks`.
+        first_check: ``epoch`` (call :meth:`check` after each trained epoch; check k is
+            epoch k) or ``init`` (the Early-Bird code's convention: call it once on the
+            untrained initialization, recorded as epoch 0, then after each trained
+            epoch). The default stays ``epoch`` so that the natural loop, a check after
+            every epoch, is labelled right; the paper presets use ``init``
+            (:data:`worm_fast.presets.PAPER_CNN`), so pass ``**PAPER_CNN.kwargs()`` and
+            check before the first epoch to follow the paper.
         representative: preset or name patterns, see :mod:`worm_fast.representative`.
         distance_weight, duration_weight, temperature: mode ``gradient``'s penalty
             ``(distance_weight + duration_weight * checks) * D``, D the soft mask's mean
@@ -180,6 +209,7 @@ class EarlyBirdSearch:
         truncation: float = PAPER_CNN.truncation,
         scope: str = "global",
         ties: str = "early_bird",
+        first_check: str = "epoch",
         representative: str | Iterable[str] = PAPER_CNN.representative,
         backend: str | None = None,
         distance_weight: float = PenaltySettings.distance_weight,
@@ -197,8 +227,12 @@ class EarlyBirdSearch:
             truncation=truncation,
             scope=scope,
             ties=ties,
+            first_check=first_check,
         )
         check_settings(**self.config)
+        # Exact limits for the integer decisions (see the module docstring).
+        self._stop_limit = _decimal(stop_distance)
+        self._trigger_limit = self._stop_limit + _decimal(trigger_margin)
         penalty = PenaltySettings(distance_weight, duration_weight, temperature)
         policy, layout = _load_policy(mode, policy, max_checks)
         needs_truncation = (
@@ -261,7 +295,8 @@ class EarlyBirdSearch:
         """
         if self.converged:
             raise RuntimeError(
-                f"the search converged at check {self.ticket.epoch}; its ticket is in .ticket"
+                f"the search converged at check {len(self.records)} (epoch {self.ticket.epoch}); "
+                "its ticket is in .ticket"
             )
         self._check_parameters_unchanged()
         cfg = self.config
@@ -287,17 +322,18 @@ class EarlyBirdSearch:
             )  # fmt: skip
 
         numel = self.window.numel
+        counts = [int(count) for count in counts]
         d_max = max(counts) / numel if counts else None
         d_avg = sum(counts) / len(counts) / numel if counts else None
-        epoch = len(self.records) + 1
+        epoch = self._epoch_of(len(self.records))
         full = self.window.count + 1 >= self.window.length
         # Mode rl: the policy decides (below, or from outside through act()).
-        converged = cfg["mode"] != "rl" and full and d_max < cfg["stop_distance"]
+        converged = cfg["mode"] != "rl" and full and _below(max(counts), numel, self._stop_limit)
         worm_trigger = (
             cfg["mode"] == "worm"
             and full
             and not converged
-            and d_avg < cfg["stop_distance"] + cfg["trigger_margin"]
+            and _below(sum(counts), len(counts) * numel, self._trigger_limit)
         )
         r, triggered_at = self.r, self.triggered_at
         if triggered_at is None and (cfg["mode"] == "truncate" or worm_trigger):
@@ -312,7 +348,8 @@ class EarlyBirdSearch:
             self.ticket = self.candidate()
         record = CheckRecord(epoch, d_max, d_avg, r, triggered_at == epoch, converged, full)
         self.records.append(record)
-        self._warn_about_ties(int(kept_count))
+        if epoch > 0:  # at initialization equal magnitudes are expected (BatchNorm γ = 1)
+            self._warn_about_ties(int(kept_count))
         if cfg["mode"] == "rl":
             self._observe(record, train_loss, kept_count / numel)
             if self.policy is not None:
@@ -344,9 +381,8 @@ class EarlyBirdSearch:
     # -- WORM-RL ----------------------------------------------------------------------
 
     def _observe(self, record: CheckRecord, train_loss: float | None, density: float) -> None:
-        self.features.append(
-            CheckFeatures(record.epoch, record.d_max, record.d_avg, train_loss, density)
-        )
+        check = len(self.records)  # 1-based, whichever convention numbers the epochs
+        self.features.append(CheckFeatures(check, record.d_max, record.d_avg, train_loss, density))
         if self.layout is not None:
             self.observation = self.layout.observe(self.features, self.config["max_checks"])
 
@@ -387,7 +423,12 @@ class EarlyBirdSearch:
             raise RuntimeError("no check has run yet, so there is no mask")
         shapes = {name: p.shape for name, p in self.params.items()}
         packed = {name: m.clone() for name, m in zip(self.params, self._newest)}
-        return Ticket(self.window.count, packed, shapes)  # count: checks that made a mask
+        # The trained epochs behind the newest mask (count: checks that made a mask).
+        return Ticket(self._epoch_of(self.window.count - 1), packed, shapes)
+
+    def _epoch_of(self, check_index: int) -> int:
+        """The trained epochs before check ``check_index`` (0-based), per ``first_check``."""
+        return check_index + (self.config["first_check"] == "epoch")
 
     def _check_parameters_unchanged(self) -> None:
         for name, param in self.params.items():
@@ -462,7 +503,8 @@ class EarlyBirdSearch:
         Everything saved is checked (and the truncation handed to the optimizer) before
         anything of this search changes.
         """
-        config = {"ties": "early_bird", **state["config"]}  # saved before `ties` existed
+        # Saved before `ties` and `first_check` existed: their behaviour then.
+        config = {"ties": "early_bird", "first_check": "epoch", **state["config"]}
         if config != self.config or state["names"] != list(self.params):
             raise ValueError(
                 "EarlyBirdSearch.load_state_dict: the saved search has a different "
@@ -475,12 +517,14 @@ class EarlyBirdSearch:
         r, triggered_at = state["r"], state["triggered_at"]
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"EarlyBirdSearch.load_state_dict: r must be in [0, 1], got {r}")
+        checks = len(state["records"])
         if triggered_at is not None and not (
-            isinstance(triggered_at, int) and 1 <= triggered_at <= len(state["records"])
+            isinstance(triggered_at, int)
+            and self._epoch_of(0) <= triggered_at <= self._epoch_of(checks - 1)
         ):
             raise ValueError(
-                f"EarlyBirdSearch.load_state_dict: triggered_at must be None or one of the "
-                f"{len(state['records'])} checks, got {triggered_at!r}"
+                f"EarlyBirdSearch.load_state_dict: triggered_at must be None or the epoch of "
+                f"one of the {checks} checks, got {triggered_at!r}"
             )
         try:
             records = [CheckRecord(**record) for record in state["records"]]
@@ -516,6 +560,16 @@ class EarlyBirdSearch:
         self.features, self.soft_constants = features, constants
         if self.features and self.layout is not None:
             self.observation = self.layout.observe(self.features, self.config["max_checks"])
+
+
+def _decimal(value: float) -> Fraction:
+    """``value`` as the decimal it prints as: 0.1 is 1/10, not the nearest double."""
+    return Fraction(repr(float(value)))
+
+
+def _below(count: int, total: int, limit: Fraction) -> bool:
+    """``count / total < limit``, exactly."""
+    return count * limit.denominator < limit.numerator * total
 
 
 def _common_device(params: Mapping[str, torch.Tensor]) -> torch.device:

@@ -11,8 +11,8 @@
 // Most loops are plain C++ that GCC and Clang vectorize at -O3: every loop over the
 // elements of a 64-bit mask word has a fixed trip count of 64, the truncation factor is
 // a branchless select `kept ? 1 : r` written into a small array first, and the SGD
-// variant (mask, weight decay, momentum mode, nesterov; for AdamW mask, weight decay,
-// amsgrad) is a template parameter, so the element loop holds no branch. Two hot paths
+// variant (mask, weight decay, momentum mode, nesterov; for AdamW truncation site,
+// weight decay, amsgrad) is a template parameter, so the element loop holds no branch. Two hot paths
 // are intrinsics where the compiler falls short: the fp32 SGD block (AVX2 / AVX-512,
 // mask bits as lane masks, prefetched streams) and the Hamming popcount.
 
@@ -523,10 +523,15 @@ WF_INLINE void sqrt_block(double* __restrict x, int64_t n) {
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+// Where an AdamW step truncates: nowhere (no mask), the Adam update of pruned elements
+// (WormAdamW's default), or their raw gradient before the moments (truncate="gradient").
+enum AdamTruncation : int { kNoTruncation = 0, kTruncateUpdate = 1, kTruncateGradient = 2 };
+
 template <class T>
 struct AdamConsts {
   T neg_step_size;         // -lr / (1 - beta1^t): the factor of kept elements
   T neg_step_size_pruned;  // the same times truncation
+  T truncation;            // r, the gradient factor of pruned elements (kTruncateGradient)
   T decay;                 // 1 - lr * weight_decay
   T lerp_weight;           // torch's lerp: m + w (g - m) for w < 0.5, g + (w - 1) (g - m) else
   bool lerp_from_grad;
@@ -536,9 +541,10 @@ struct AdamConsts {
 // The update of n (= 64 when kFull) consecutive elements; the formula of
 // reference.masked_adamw_step_ with torch.optim.AdamW's fp32 rounding on CPU (lerp and
 // addcmul as FMAs, sqrt / bias_correction2_sqrt + eps, p + (-step_size * m) / denom).
-// fac[k] is the step factor of element k (neg_step_size or neg_step_size_pruned) when
-// kMask. Three passes over the block: moments, square roots, parameters.
-template <class Io, bool kFull, bool kMask, bool kWd, bool kAms>
+// fac[k] is, for element k, the step factor (neg_step_size or neg_step_size_pruned)
+// under kTruncateUpdate, the gradient factor (1 or r) under kTruncateGradient. Three
+// passes over the block: moments, square roots, parameters.
+template <class Io, bool kFull, int kTrunc, bool kWd, bool kAms>
 WF_INLINE void adamw_elements(typename Io::S* __restrict p, const typename Io::S* __restrict g,
                               typename Io::S* __restrict m, typename Io::S* __restrict v,
                               typename Io::S* __restrict vmax,
@@ -550,7 +556,10 @@ WF_INLINE void adamw_elements(typename Io::S* __restrict p, const typename Io::S
   T root[kWordBits];
   const bool from_grad = c.lerp_from_grad;
   for (int64_t k = 0; k < len; ++k) {
-    const T grad = Io::load(g[k]) / c.grad_scale * c.sign;
+    T grad = Io::load(g[k]) / c.grad_scale * c.sign;
+    if constexpr (kTrunc == kTruncateGradient) {
+      grad = grad * fac[k];
+    }
     const T old = Io::load(m[k]);
     const T mk = fmadd(c.lerp_weight, grad - old, from_grad ? grad : old);
     const T vk = fmadd(c.one_minus_beta2 * grad, grad, Io::load(v[k]) * c.beta2);
@@ -573,12 +582,12 @@ WF_INLINE void adamw_elements(typename Io::S* __restrict p, const typename Io::S
       param = param * c.decay;
     }
     const T denom = root[k] / c.bias_correction2_sqrt + c.eps;
-    const T scale = kMask ? fac[k] : c.neg_step_size;
+    const T scale = kTrunc == kTruncateUpdate ? fac[k] : c.neg_step_size;
     p[k] = Io::store(param + (scale * avg[k]) / denom);
   }
 }
 
-template <class Io, bool kFull, bool kMask, bool kWd, bool kAms>
+template <class Io, bool kFull, int kTrunc, bool kWd, bool kAms>
 WF_INLINE void adamw_block(typename Io::S* __restrict p, const typename Io::S* __restrict g,
                            typename Io::S* __restrict m, typename Io::S* __restrict v,
                            typename Io::S* __restrict vmax, const typename Io::T* __restrict fac,
@@ -595,7 +604,7 @@ WF_INLINE void adamw_block(typename Io::S* __restrict p, const typename Io::S* _
     if constexpr (kAms) {
       Io::load_block(vmax, vms, len);
     }
-    adamw_elements<FloatIo, kFull, kMask, kWd, kAms>(ps, gs, ms, vs, vms, fac, c, n);
+    adamw_elements<FloatIo, kFull, kTrunc, kWd, kAms>(ps, gs, ms, vs, vms, fac, c, n);
     Io::store_block(ps, p, len);
     Io::store_block(ms, m, len);
     Io::store_block(vs, v, len);
@@ -603,11 +612,11 @@ WF_INLINE void adamw_block(typename Io::S* __restrict p, const typename Io::S* _
       Io::store_block(vms, vmax, len);
     }
   } else {
-    adamw_elements<Io, kFull, kMask, kWd, kAms>(p, g, m, v, vmax, fac, c, n);
+    adamw_elements<Io, kFull, kTrunc, kWd, kAms>(p, g, m, v, vmax, fac, c, n);
   }
 }
 
-template <class Io, bool kMask, bool kWd, bool kAms>
+template <class Io, int kTrunc, bool kWd, bool kAms>
 void adamw_loop(const AdamTensor& t, const AdamConsts<typename Io::T>& c, int64_t begin,
                 int64_t end) {
   using S = typename Io::S;
@@ -619,16 +628,18 @@ void adamw_loop(const AdamTensor& t, const AdamConsts<typename Io::T>& c, int64_
   S* vmax = kAms ? static_cast<S*>(t.max_exp_avg_sq) : nullptr;
   for (int64_t base = begin; base < end; base += kWordBits) {
     T fac[kWordBits];
-    if constexpr (kMask) {
+    if constexpr (kTrunc == kTruncateUpdate) {
       select_word(load_u64(t.mask + base / 8), c.neg_step_size, c.neg_step_size_pruned, fac);
+    } else if constexpr (kTrunc == kTruncateGradient) {
+      expand_word(load_u64(t.mask + base / 8), c.truncation, fac);
     }
     S* vm = kAms ? vmax + base : nullptr;
     if (end - base >= kWordBits) {
-      adamw_block<Io, true, kMask, kWd, kAms>(p + base, g + base, m + base, v + base, vm, fac,
-                                              c, 0);
+      adamw_block<Io, true, kTrunc, kWd, kAms>(p + base, g + base, m + base, v + base, vm,
+                                               fac, c, 0);
     } else {
-      adamw_block<Io, false, kMask, kWd, kAms>(p + base, g + base, m + base, v + base, vm,
-                                               fac, c, end - base);
+      adamw_block<Io, false, kTrunc, kWd, kAms>(p + base, g + base, m + base, v + base, vm,
+                                                fac, c, end - base);
     }
   }
 }
@@ -641,6 +652,7 @@ void adamw_typed(const AdamTensor& t, const AdamConfig& cfg, int64_t begin, int6
   const bool from_grad = !(absval(lerp_weight) < T(0.5));
   const AdamConsts<T> c{static_cast<T>(-t.step_size),
                         static_cast<T>(-t.step_size * cfg.truncation),
+                        static_cast<T>(cfg.truncation),
                         static_cast<T>(1.0 - cfg.lr * cfg.weight_decay),
                         from_grad ? static_cast<T>(lerp_weight - T(1)) : lerp_weight,
                         from_grad,
@@ -650,14 +662,21 @@ void adamw_typed(const AdamTensor& t, const AdamConfig& cfg, int64_t begin, int6
                         static_cast<T>(cfg.eps),
                         static_cast<T>(cfg.grad_scale),
                         cfg.maximize ? T(-1) : T(1)};
-  with_bool(t.mask != nullptr, [&](auto mask) {
+  const auto run = [&](auto trunc) {
     with_bool(cfg.weight_decay != 0.0, [&](auto wd) {
       with_bool(cfg.amsgrad, [&](auto ams) {
-        adamw_loop<Io, decltype(mask)::value, decltype(wd)::value, decltype(ams)::value>(
+        adamw_loop<Io, decltype(trunc)::value, decltype(wd)::value, decltype(ams)::value>(
             t, c, begin, end);
       });
     });
-  });
+  };
+  if (t.mask == nullptr) {
+    run(Int<kNoTruncation>{});
+  } else if (cfg.truncate_gradient) {
+    run(Int<kTruncateGradient>{});
+  } else {
+    run(Int<kTruncateUpdate>{});
+  }
 }
 
 void adamw_range(const AdamTensor& t, const AdamConfig& c, int64_t begin, int64_t end) {

@@ -250,9 +250,12 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            bool amsgrad, bool maximize, double truncation,
                            const std::optional<at::Tensor>& lr_tensor,
                            const std::optional<at::Tensor>& grad_scale,
-                           const std::optional<at::Tensor>& found_inf) {
-  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          masks, beta1, beta2, truncation, amsgrad, c10::DeviceType::CPU);
+                           const std::optional<at::Tensor>& found_inf,
+                           c10::string_view truncate) {
+  const bool truncate_gradient =
+      check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                              state_steps, masks, beta1, beta2, truncation, amsgrad, truncate,
+                              c10::DeviceType::CPU);
   if (params.empty()) {
     return;
   }
@@ -272,7 +275,8 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
       truncation,
       grad_scale.has_value() && grad_scale->defined() ? grad_scale->item<double>() : 1.0,
       amsgrad,
-      maximize};
+      maximize,
+      truncate_gradient};
 
   const size_t n = params.size();
   std::vector<at::Tensor> keep_alive;  // contiguous copies of strided grads / masks

@@ -10,9 +10,11 @@
 // worm_fast/backends/reference.py and with the CPU kernel's rounding (torch's lerp and
 // addcmul as FMAs):
 //   g = grad / grad_scale;  g = maximize ? -g : g;  p *= 1 - lr * weight_decay
+//   g *= kept ? 1 : r (truncate="gradient")
 //   m = lerp(m, g, 1 - beta1);  v = fma((1 - beta2) g, g, beta2 v)
 //   v_max = max(v_max, v) (amsgrad);  denom = sqrt(v or v_max) / c2 + eps
-//   p += (-step_size * (kept ? 1 : r)) * m / denom
+//   p += (-step_size * (kept ? 1 : r)) * m / denom (truncate="update", the default)
+//   p += -step_size * m / denom (truncate="gradient")
 //
 // Every block reads the step count of before the step; a second, tiny kernel enqueued
 // after the last update launch increments the counts (also skipped when found_inf != 0).
@@ -49,9 +51,11 @@ struct AdamArgs {
   opmath_t one_minus_beta2;
   opmath_t eps;
   opmath_t grad_scale;  // used when grad_scale_ptr is null
+  opmath_t truncation_elem;  // r, the gradient factor of pruned elements (truncate_gradient)
   bool lerp_from_grad;
   bool maximize;
   bool has_weight_decay;
+  bool truncate_gradient;
 };
 
 // The scalars of one tensor's step, computed by one thread of the block.
@@ -141,7 +145,11 @@ __global__ void __launch_bounds__(kBlockSize)
 
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      const opmath_t grad = static_cast<opmath_t>(gr[k]) / scale * sign;
+      const bool kept = (bits >> k) & 1u;
+      opmath_t grad = static_cast<opmath_t>(gr[k]) / scale * sign;
+      if (args.truncate_gradient && !kept) {
+        grad = grad * args.truncation_elem;
+      }
       const opmath_t old = static_cast<opmath_t>(mr[k]);
       const opmath_t avg =
           fmadd(args.lerp_weight, grad - old, args.lerp_from_grad ? grad : old);
@@ -160,7 +168,8 @@ __global__ void __launch_bounds__(kBlockSize)
         param = param * s.decay;
       }
       const opmath_t denom = square_root(root) / s.bias_correction2_sqrt + args.eps;
-      const opmath_t factor = ((bits >> k) & 1u) ? s.neg_step_size : s.neg_step_size_pruned;
+      const opmath_t factor =
+          kept || args.truncate_gradient ? s.neg_step_size : s.neg_step_size_pruned;
       pr[k] = static_cast<scalar_t>(param + (factor * avg) / denom);
     }
 
@@ -224,9 +233,11 @@ void launch_typed(const AdamTensor* tensors, int64_t count, const AdamStep& step
                                 static_cast<opmath_t>(1.0 - step.beta2),
                                 static_cast<opmath_t>(step.eps),
                                 static_cast<opmath_t>(step.grad_scale),
+                                static_cast<opmath_t>(step.truncation),
                                 from_grad,
                                 step.maximize,
-                                step.weight_decay != 0.0};
+                                step.weight_decay != 0.0,
+                                step.truncate_gradient};
   const auto* lr_ptr = static_cast<const opmath_t*>(step.lr_device);
   const auto* scale_ptr = static_cast<const opmath_t*>(step.grad_scale_device);
   std::vector<std::array<void*, 7>> addresses;

@@ -164,9 +164,12 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
                             bool amsgrad, bool maximize, double truncation,
                             const std::optional<at::Tensor>& lr_tensor,
                             const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf) {
-  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          masks, beta1, beta2, truncation, amsgrad, c10::DeviceType::CUDA);
+                            const std::optional<at::Tensor>& found_inf,
+                            c10::string_view truncate) {
+  const bool truncate_gradient =
+      check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                              state_steps, masks, beta1, beta2, truncation, amsgrad, truncate,
+                              c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
@@ -202,8 +205,9 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
     if (tensors.empty()) {
       continue;
     }
-    AdamStep step{lr,         beta1, beta2,   weight_decay, eps,     truncation,
-                  1.0,        amsgrad, maximize, nullptr,    nullptr, found_inf_device};
+    AdamStep step{lr,      beta1,    beta2,    weight_decay,      eps,
+                  truncation, 1.0,   amsgrad,  maximize, truncate_gradient, nullptr,
+                  nullptr, found_inf_device};
     step.lr_device = device_scalar(lr_tensor, compute_dtype(dtype), keep, step.lr);
     step.grad_scale_device =
         device_scalar(grad_scale, compute_dtype(dtype), keep, step.grad_scale);

@@ -255,13 +255,15 @@ for dtype in ("fp32", "fp64", "fp16", "bf16"):
                    exp_avg_sq_ptr=f"*{dtype}", max_exp_avg_sq_ptr=f"*{dtype}", mask_ptr="*u8",
                    lr_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32",
                    old_steps_ptr="*fp32", step_ptr="*fp32", numel="i32")
-    flags = dict(HAS_WEIGHT_DECAY=True, MAXIMIZE=True, BLOCK=1024)
-    compile(kernels._masked_adamw_step_kernel, {**tensors, **adamw_bits}, flags)
+    for truncate_gradient in (False, True):
+        flags = dict(HAS_WEIGHT_DECAY=True, MAXIMIZE=True, TRUNCATE_GRADIENT=truncate_gradient,
+                     BLOCK=1024)
+        compile(kernels._masked_adamw_step_kernel, {**tensors, **adamw_bits}, flags)
     absent = ("max_exp_avg_sq_ptr", "mask_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr")
     compile(kernels._masked_adamw_step_kernel,
             {k: v for k, v in {**tensors, **adamw_bits}.items() if k not in absent},
             {**dict.fromkeys(absent), "HAS_WEIGHT_DECAY": False, "MAXIMIZE": False,
-             "BLOCK": 1024})
+             "TRUNCATE_GRADIENT": False, "BLOCK": 1024})
 """
 
 

@@ -2,16 +2,20 @@
 
 Several steps in a row over a list of every odd size, each tensor with a step count of
 its own, for every dtype, every combination of amsgrad / weight decay / maximize, other
-betas, masks of every kind (new ones each step), grad_scale, found_inf and lr_tensor;
+betas, masks of every kind (new ones each step), both truncation sites (the Adam update,
+or the raw gradient), grad_scale, found_inf and lr_tensor;
 and, without a mask, step for step against ``torch.optim.AdamW``. The Triton
 interpreter is slow: it gets a representative subset (``tests.utils``).
 """
+
+import itertools
 
 import pytest
 import torch
 
 from tests.utils import (
     ADAMW_HYPERPARAMETERS,
+    ADAMW_REPRESENTATIVE,
     ADAMW_STATES,
     DTYPES,
     MASK_KINDS,
@@ -88,6 +92,56 @@ def test_matches_reference(backend_device, dtype, mask_kind):
         assert_matches_reference(
             kernels, backend, case, mask_kind, f"{what} one step", steps=1, **kwargs
         )
+
+
+@pytest.mark.compares_with_reference
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_truncation_matches_reference(backend_device, dtype, mask_kind):
+    # truncate="gradient": the raw gradient of pruned elements is scaled before the moments.
+    kernels = kernels_of(backend_device)
+    skip_mask_kind_when_interpreted(backend_device, mask_kind)
+    backend, device = backend_device
+    for hp in ADAMW_REPRESENTATIVE:
+        kwargs = adamw_kwargs(**hp, truncate="gradient")
+        case = adamw_case(ODD_SIZES, dtype, kwargs["amsgrad"], seed=len(mask_kind), device=device)
+        what = f"{dtype} {mask_kind} {describe(hp)} truncate=gradient"
+        assert_matches_reference(kernels, backend, case, mask_kind, what, **kwargs)
+
+
+def test_truncation_sites_differ_only_on_pruned_elements(backend_device):
+    # The reference (and every backend) changes pruned elements only: with every element
+    # kept, or r = 1, the two sites give the same step, and with pruned elements they do
+    # not. Guards against a backend that ignores `truncate`.
+    kernels = kernels_of(backend_device)
+    device = backend_device[1]
+    case = adamw_case(ODD_SIZES, torch.float64, amsgrad=False, seed=23, device=device)
+    sizes = [p.numel() for p in case[0]]
+    outcomes = {}
+    for mask_kind, r in (("all_kept", 3e-3), ("random", 1.0), ("random", 3e-3)):
+        masks = packed_masks(sizes, mask_kind, seed=1, device=device)
+        for truncate in ("update", "gradient"):
+            lists = clone_lists(case)
+            for _ in range(2):
+                adamw_step(kernels, lists, masks, **adamw_kwargs(truncation=r, truncate=truncate))
+            outcomes[mask_kind, r, truncate] = lists
+    for mask_kind, r in (("all_kept", 3e-3), ("random", 1.0)):
+        for name, a, b in zip(ADAMW_STATES, outcomes[mask_kind, r, "update"],
+                              outcomes[mask_kind, r, "gradient"]):  # fmt: skip
+            assert_lists_equal(a, b, f"{mask_kind} r={r}: {name}")
+    update, gradient = outcomes["random", 3e-3, "update"], outcomes["random", 3e-3, "gradient"]
+    assert not torch.equal(torch.cat(update[2]), torch.cat(gradient[2])), "exp_avg"
+    assert not torch.equal(torch.cat(update[0]), torch.cat(gradient[0])), "params"
+
+
+def test_bad_truncate_is_refused_before_anything_changes(backend_device):
+    kernels = kernels_of(backend_device)
+    case = adamw_case((7, 65), torch.float32, amsgrad=False, seed=29, device=backend_device[1])
+    lists = clone_lists(case)
+    with pytest.raises((ValueError, RuntimeError), match="truncate"):
+        adamw_step(kernels, lists, [], **adamw_kwargs(truncate="weights"))
+    for name, a, b in zip(ADAMW_STATES, lists, case):
+        assert_lists_equal(a, b, f"after a refused step: {name}")
 
 
 @pytest.mark.compares_with_reference
@@ -183,8 +237,8 @@ def test_trajectory_with_mixed_dtypes(backend_device):
 
 @pytest.mark.compares_with_reference
 def test_other_betas_truncations_and_strided_grads_and_masks(backend_device):
-    # beta1 < 0.5 takes torch's other lerp formula; r = 0 freezes the Adam update of
-    # pruned elements; grads and masks may be strided views.
+    # beta1 < 0.5 takes torch's other lerp formula; r = 0 freezes the Adam update (or
+    # zeroes the gradient) of pruned elements; grads and masks may be strided views.
     kernels = kernels_of(backend_device)
     device = backend_device[1]
     params = [randn(6, 11, seed=1, device=device), randn(130, seed=2, device=device)]
@@ -195,16 +249,16 @@ def test_other_betas_truncations_and_strided_grads_and_masks(backend_device):
     states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
     steps = [torch.tensor(0.0, device=device), torch.tensor(41.0, device=device)]
     for beta1, beta2 in ((0.9, 0.999), (0.3, 0.5), (0.0, 0.0)):
-        for r in (0.0, 3e-3, 0.5, 1.0):
+        for r, truncate in itertools.product((0.0, 3e-3, 0.5, 1.0), ("update", "gradient")):
             kwargs = adamw_kwargs(amsgrad=True, weight_decay=0.1, beta1=beta1, beta2=beta2,
-                                  truncation=r, eps=1e-6)  # fmt: skip
+                                  truncation=r, eps=1e-6, truncate=truncate)  # fmt: skip
             # Fresh copies of the state; the strided grads themselves (steps leave them).
             ours, theirs = ([*clone_lists([params]), grads, *clone_lists([*states, steps])]
                             for _ in range(2))  # fmt: skip
             for _ in range(3):
                 adamw_step(kernels, ours, masks, **kwargs)
                 adamw_step(reference, theirs, masks, **kwargs)
-            what = f"betas {beta1} {beta2} r={r}, after 3 steps"
+            what = f"betas {beta1} {beta2} r={r} truncate={truncate}, after 3 steps"
             assert_states_close(backend_device[0], ours, theirs, what)
 
 

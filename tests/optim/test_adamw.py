@@ -82,6 +82,60 @@ def test_truncation_scales_the_adam_update(backend_device, density):
         assert_close(p.detach(), expected[i], what=f"param {i}")
 
 
+@pytest.mark.parametrize("density", (0.0, 1.0, 0.37))
+def test_gradient_truncation_is_adamw_on_scaled_gradients(backend_device, density):
+    """truncate="gradient" (the paper's rule): the step is torch's AdamW fed the gradients
+    with those of pruned elements scaled by r; decoupled weight decay is not truncated."""
+    backend, device = backend_device
+    r, lr, wd = 3e-3, 0.01, 1e-2
+    sizes, dtype = ODD_SIZES, torch.float64
+    if interpreted(backend_device):
+        sizes, dtype = (65, 7), torch.float32
+    ours, theirs = (make_params(sizes, dtype, device=device) for _ in range(2))
+    masks = random_bool_masks(ours, density)
+    opt = WormAdamW(ours, lr=lr, weight_decay=wd, amsgrad=True, truncate="gradient",
+                    backend=backend)  # fmt: skip
+    opt.set_truncation(masks, r)
+    ref = torch.optim.AdamW(theirs, lr=lr, weight_decay=wd, amsgrad=True, foreach=False)
+    for step in range(4):
+        fill_grads(ours, step)
+        fill_grads(theirs, step)
+        for p, q in zip(ours, theirs):
+            q.grad = torch.where(masks[p], q.grad, q.grad * r)
+        opt.step()
+        ref.step()
+    assert_same_adam_state(opt, ours, ref, theirs, f"{backend} truncate=gradient {density}")
+
+
+def test_truncate_travels_in_state_dict_and_is_checked():
+    params = make_params((65,), torch.float32)
+    opt = WormAdamW(params, lr=0.01, truncate="gradient")
+    run_steps(opt, params, steps=1)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["truncate"] == "gradient"
+    # Into an optimizer built with the other site: the saved one wins, as lr would.
+    other = WormAdamW(make_params((65,), torch.float32), lr=0.01)
+    other.load_state_dict(copy.deepcopy(saved))
+    assert other.param_groups[0]["truncate"] == "gradient"
+    # torch.optim.AdamW's state (no such key) keeps this optimizer's setting.
+    torch_opt = torch.optim.AdamW(make_params((65,), torch.float32), lr=0.01)
+    run_steps(torch_opt, torch_opt.param_groups[0]["params"], steps=1)
+    other.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    assert other.param_groups[0]["truncate"] == "gradient"
+    with pytest.raises(ValueError, match="truncate must be one of"):
+        WormAdamW(params, lr=0.01, truncate="weights")
+    with pytest.raises(ValueError, match="truncate must be one of"):
+        WormAdamW([{"params": params, "truncate": "weights"}], lr=0.01)
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0]["truncate"] = "weights"
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="truncate must be one of"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert torch.equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+
+
 def test_state_dict_resume_gives_identical_trajectory():
     hp = dict(lr=0.01, weight_decay=1e-2, amsgrad=True)
     straight = make_params((63, 4097), torch.float32)

@@ -130,22 +130,27 @@ def masked_adamw_step_(
     lr_tensor=None,
     grad_scale=None,
     found_inf=None,
+    truncate="update",
 ):
-    """torch.optim.AdamW's update, with the Adam step of pruned elements scaled:
+    """torch.optim.AdamW's update, with pruned elements truncated by ``truncation``:
 
-    t = t + 1;  g = grad / grad_scale;  g = -g if maximize;  p = p * (1 - lr * wd)
+    t = t + 1;  g = grad / grad_scale;  g = g * (kept ? 1 : truncation) (truncate="gradient")
+    g = -g if maximize;  p = p * (1 - lr * wd)
     m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g^2
     v_max = max(v_max, v) (amsgrad);  denom = sqrt(v or v_max) / sqrt(1 - beta2^t) + eps
-    p = p - lr / (1 - beta1^t) * (kept ? 1 : truncation) * m / denom
+    p = p - lr / (1 - beta1^t) * (kept ? 1 : truncation) * m / denom  (truncate="update")
+    p = p - lr / (1 - beta1^t) * m / denom                            (truncate="gradient")
 
-    Adam divides by the gradient's running scale, so scaling the raw gradient by r
-    would be undone once v adapts; scaling the update keeps pruned elements learning r
-    times slower, which is what WORM's truncation asks of SGD too. Weight decay is not
-    truncated. A step with ``found_inf != 0`` changes nothing, the step count included.
+    ``update`` (the default): Adam divides by the gradient's running scale, so scaling
+    the raw gradient by r would be undone once v adapts; scaling the update keeps pruned
+    elements learning r times slower, which is what WORM's truncation asks of SGD too.
+    ``gradient``: the paper's literal rule (the moments see the truncated gradient).
+    Weight decay is not truncated. A step with ``found_inf != 0`` changes nothing, the
+    step count included.
     """
     _checks.check_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
-        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation,
+        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation, truncate=truncate,
         scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
     )  # fmt: skip
     for i, (param, grad) in enumerate(zip(params, grads)):
@@ -154,6 +159,11 @@ def masked_adamw_step_(
         g = grad.to(acc)
         if grad_scale is not None:
             g = g / grad_scale.to(param.device, acc)
+        kept = None
+        if masks and masks[i] is not None:
+            kept = unpack_mask(masks[i], param.numel()).view_as(param)
+            if truncate == "gradient":
+                g = torch.where(kept, g, g * truncation)
         if maximize:
             g = -g
         step = state_steps[i] + 1
@@ -165,8 +175,7 @@ def masked_adamw_step_(
         bias_correction1 = 1 - beta1 ** step.to(acc)
         bias_correction2_sqrt = (1 - beta2 ** step.to(acc)).sqrt()
         update = m / (v_max.sqrt() / bias_correction2_sqrt + eps)
-        if masks and masks[i] is not None:
-            kept = unpack_mask(masks[i], param.numel()).view_as(param)
+        if kept is not None and truncate == "update":
             update = torch.where(kept, update, update * truncation)
         new = {"p": p - step_lr / bias_correction1 * update, "m": m, "v": v, "v_max": v_max}
 

@@ -1,10 +1,11 @@
 """RunConfig: everything that determines one search → prune → retrain run.
 
 A run trains a CNN from scratch on an image dataset (``dataset``, the default), or
-fine-tunes a pretrained transformer on a text task (``task``). Fields left ``None`` take
-the defaults of that kind: the paper's settings for CNNs (Sections IV–V) or for
-transformers (Section VI), and training settings that make the embedded demos run on a
-2-core CPU.
+fine-tunes a pretrained transformer on a text task (``task``). Fields left ``None`` take,
+in this order, the values of the run's ``preset`` (``experiments.presets``: the paper's
+settings, each sourced), then the defaults of its kind: the paper's search settings for
+CNNs (Sections IV–V) or for transformers (Section VI), and training settings that make
+the embedded demos run on a 2-core CPU.
 """
 
 import math
@@ -15,15 +16,21 @@ from pathlib import Path
 import torch
 
 from worm_fast import backends
+from worm_fast._checks import ADAMW_TRUNCATE
 from worm_fast.experiments.data import DATASETS, TEXT_TASKS
 from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, NOT_CHANNEL_PRUNABLE
 from worm_fast.experiments.models.text import model_name
+from worm_fast.experiments.presets import RUN_PRESETS
 from worm_fast.penalty import PenaltySettings
 from worm_fast.presets import PAPER_CNN, PAPER_TRANSFORMER
 from worm_fast.search import check_settings
 
-PRUNE_METHODS = ("unstructured", "structured")
+# "none": the dense baseline (the search runs, its ticket is not applied; the same
+# retraining follows), the paper's Table IV baseline on the same budget.
+PRUNE_METHODS = ("unstructured", "structured", "none")
 OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "linear")  # linear: to 0 over each phase's epochs, per step
+RESTORE_KINDS = ("relative", "absolute")
 
 _SEARCH_KEYS = ("stop_distance", "window", "trigger_margin", "representative")
 CNN_DEFAULTS = dict(
@@ -49,6 +56,35 @@ TEXT_DEFAULTS = dict(
     retrain_epochs=1,
     **{key: PAPER_TRANSFORMER.kwargs()[key] for key in _SEARCH_KEYS},
 )
+# Both kinds, unless a preset says otherwise: the behaviour before presets existed (a
+# check after every epoch, restoration to 90 % of the pre-pruned accuracy).
+COMMON_DEFAULTS = dict(
+    max_length=64,
+    momentum=0.9,
+    lr_schedule="constant",
+    prune_ratio=PAPER_CNN.prune_ratio,
+    truncation=PAPER_CNN.truncation,
+    first_check="epoch",
+    restore_target="relative:0.9",
+)
+
+
+def parse_restore_target(text: str) -> tuple[str, float]:
+    """``relative:F`` (test accuracy >= F x the pre-pruned accuracy, 0 < F <= 1) or
+    ``absolute:A`` (test accuracy >= A %, 0 < A <= 100) as (kind, value)."""
+    kind, _, number = str(text).partition(":")
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    top = 1.0 if kind == "relative" else 100.0
+    if kind not in RESTORE_KINDS or not (math.isfinite(value) and 0 < value <= top):
+        raise ValueError(
+            f"restore_target (--restore-target) must be relative:F (0 < F <= 1, a fraction "
+            f"of the pre-pruned accuracy) or absolute:A (0 < A <= 100, a test accuracy in "
+            f"%), got {text!r}"
+        )
+    return kind, value
 
 
 @dataclass
@@ -65,22 +101,25 @@ class RunConfig:
     # Seeded subset size; "all"; None: the task's default (rt-polarity: 2,000), else all.
     train_subset: int | str | None = None
     test_subset: int | None = None
-    max_length: int = 64  # text: tokens per sequence after truncation
+    max_length: int | None = None  # text: tokens per sequence after truncation
     batch_size: int | None = None
     optimizer: str | None = None  # sgd (WormSGD) or adamw (WormAdamW)
-    lr: float | None = None  # held constant
-    momentum: float = 0.9  # SGD only
+    adamw_truncate: str = "update"  # adamw: truncate the Adam update or the raw gradient
+    lr: float | None = None
+    lr_schedule: str | None = None  # constant, or linear decay to 0 over each phase
+    momentum: float | None = None  # SGD only
     weight_decay: float | None = None
     max_epochs: int | None = None  # N of Algorithm 1
     retrain_epochs: int | None = None
     mode: str = "worm"
-    prune_ratio: float = 0.5
+    prune_ratio: float | None = None
     stop_distance: float | None = None
     window: int | None = None
     trigger_margin: float | None = None
-    truncation: float = 3e-3
+    truncation: float | None = None
     scope: str = "global"
     ties: str = "early_bird"  # how magnitudes equal to the threshold are decided
+    first_check: str | None = None  # "epoch" (after each epoch) or "init" (EB's code)
     representative: str | tuple[str, ...] | None = None  # preset or name patterns
     # Mode gradient (worm_fast.penalty): λ_d, λ_T per check, and the soft mask's width.
     distance_weight: float = PenaltySettings.distance_weight
@@ -88,6 +127,9 @@ class RunConfig:
     temperature: float = PenaltySettings.temperature
     policy: str | None = None  # mode rl: a policy file written by `worm-fast rl train`
     prune: str = "unstructured"
+    # Retrain epochs are counted until the test accuracy reaches this target.
+    restore_target: str | None = None
+    preset: str | None = None  # experiments.presets: paper-cnn or paper-bert
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
@@ -103,9 +145,12 @@ class RunConfig:
             self._check_text()
         else:
             self._check_images()
-        for key, value in (TEXT_DEFAULTS if self.is_text else CNN_DEFAULTS).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        preset = self._preset_values()
+        kind = TEXT_DEFAULTS if self.is_text else CNN_DEFAULTS
+        for values in (preset, kind, COMMON_DEFAULTS):
+            for key, value in values.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
         if isinstance(self.train_subset, str) and self.train_subset != "all":
             raise ValueError(
                 f"train_subset must be an int, 'all' or None, got {self.train_subset!r}"
@@ -116,11 +161,16 @@ class RunConfig:
         check_settings(
             mode=self.mode, prune_ratio=self.prune_ratio, stop_distance=self.stop_distance,
             window=self.window, trigger_margin=self.trigger_margin, truncation=self.truncation,
-            scope=self.scope, ties=self.ties,
+            scope=self.scope, ties=self.ties, first_check=self.first_check,
         )  # fmt: skip
         check_device_and_backend(self.device, self.backend)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name, allowed in (("adamw_truncate", ADAMW_TRUNCATE), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{_named(name)} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")  # fmt: skip
+        parse_restore_target(self.restore_target)
         if self.prune not in PRUNE_METHODS:
             raise ValueError(f"prune must be one of {PRUNE_METHODS}, got {self.prune!r}")
         if self.prune == "structured" and self.model in NOT_CHANNEL_PRUNABLE:
@@ -130,6 +180,20 @@ class RunConfig:
                 f"'{self.model}_projection'"
             )
         self._check_search_mode()
+
+    def _preset_values(self) -> dict:
+        """The preset's settings; it must be one for this kind of run."""
+        if self.preset is None:
+            return {}
+        if self.preset not in RUN_PRESETS:
+            raise ValueError(
+                f"unknown preset {self.preset!r} (--preset); known: {', '.join(RUN_PRESETS)}"
+            )
+        preset = RUN_PRESETS[self.preset]
+        if (preset.kind == "text") != self.is_text:
+            wanted = "a text task (--task)" if preset.kind == "text" else "an image dataset"
+            raise ValueError(f"preset {self.preset!r} (--preset) is for runs on {wanted}")
+        return preset.values()
 
     def _check_search_mode(self) -> None:
         if self.mode == "gradient":
@@ -200,7 +264,7 @@ class RunConfig:
                 f"model {self.model!r} is {known}; text tasks fine-tune the embedded "
                 f"{EMBEDDED_MODEL} or a local checkpoint given as model_path (--model-path)"
             )
-        if self.prune != "unstructured":
+        if self.prune == "structured":
             raise ValueError(
                 "text runs prune attention weights with unstructured masks; structured "
                 f"pruning removes BatchNorm channels of CNNs (got prune={self.prune!r})"

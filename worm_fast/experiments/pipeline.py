@@ -1,9 +1,12 @@
 """One search → prune → retrain run, with the paper's metrics.
 
-Search: train an epoch, evaluate, run one ``EarlyBirdSearch.check`` (Algorithm 1),
-until the ticket converges or ``max_epochs`` pass. Prune: apply the ticket (unstructured
-masks as the paper, or structured channel removal). Retrain: the same optimizer, without
-truncation, for ``retrain_epochs``. CNNs and text models share this loop; what differs
+Search: (with ``first_check="init"``, one ``EarlyBirdSearch.check`` of the untrained
+model first, as the Early-Bird code does) train an epoch, evaluate, run one check
+(Algorithm 1), until the ticket converges or ``max_epochs`` pass. Prune: apply the
+ticket (unstructured masks as the paper, or structured channel removal; ``none`` for the
+dense baseline). Retrain: the same optimizer, without truncation, for
+``retrain_epochs``; restoration is counted in retrain epochs to the run's
+``restore_target``. CNNs and text models share this loop; what differs
 (model, data, how a batch goes through the model, the optimizer) is the run's
 :class:`~worm_fast.experiments.workloads.Workload`. Every epoch becomes a row handed to
 ``on_row`` as soon as it ends, so a caller can persist results of finished epochs if the
@@ -12,15 +15,21 @@ run is interrupted. A run whose training diverges (the search raises
 the error propagates: it never prunes or reports a ticket.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from worm_fast import prune
-from worm_fast.experiments.config import RunConfig
-from worm_fast.experiments.train import evaluate, train_epoch
-from worm_fast.experiments.workloads import Workload, build_workload, make_optimizer
+from worm_fast.experiments.config import RunConfig, parse_restore_target
+from worm_fast.experiments.train import accuracies, train_epoch
+from worm_fast.experiments.workloads import (
+    Workload,
+    build_workload,
+    make_optimizer,
+    make_scheduler,
+)
 from worm_fast.profiling import (
     PhaseProfiler,
     adamw_step_cost,
@@ -67,7 +76,8 @@ def make_search(config: RunConfig, model, optimizer) -> EarlyBirdSearch:
         model, optimizer, mode=config.mode, prune_ratio=config.prune_ratio,
         stop_distance=config.stop_distance, window=config.window,
         trigger_margin=config.trigger_margin, truncation=config.truncation,
-        scope=config.scope, ties=config.ties, representative=config.representative,
+        scope=config.scope, ties=config.ties, first_check=config.first_check,
+        representative=config.representative,
         backend=None if config.backend == "auto" else config.backend,
         **search_mode_options(config),
     )  # fmt: skip
@@ -83,15 +93,31 @@ def check_setup(config: RunConfig, model) -> None:
         raise SetupError(str(error)) from error
 
 
-def _restore_epochs(pre: float, pruned: float, retrain_accuracies: list[float]) -> int | None:
-    """Retrain epochs until accuracy is back to 90 % of the pre-pruned accuracy."""
-    target = 0.9 * pre
-    if pruned >= target:
+def _restore_epochs(
+    pre: float,
+    pruned: float,
+    retrain_accuracies: list[float],
+    target: tuple[str, float] = ("relative", 0.9),
+) -> int | None:
+    """Retrain epochs until the test accuracy reaches ``target`` (``parse_restore_target``):
+    ``relative`` F x the pre-pruned accuracy, or ``absolute`` A %. 0: already there after
+    pruning; None: not within the retrain epochs (a censored count)."""
+    kind, value = target
+    goal = value * pre if kind == "relative" else value
+    if pruned >= goal:
         return 0
     for epoch, accuracy in enumerate(retrain_accuracies, start=1):
-        if accuracy >= target:
+        if accuracy >= goal:
             return epoch
     return None
+
+
+def _check_columns(record) -> dict:
+    """A search row's columns from its check (``CheckRecord``)."""
+    return dict(
+        d_max=record.d_max, d_avg=record.d_avg, r=record.r, triggered=record.triggered,
+        converged=record.converged, window_full=record.window_full,
+    )  # fmt: skip
 
 
 def run(
@@ -101,92 +127,117 @@ def run(
     progress: bool = False,
     on_row: Callable[[RunResult], None] | None = None,
 ) -> RunResult:
-    """Search, prune and retrain once; ``initial_state`` fixes the initialization."""
+    """Search, prune and retrain once; ``initial_state`` fixes the initialization.
+
+    With ``config.first_check == "init"`` the search checks the untrained model first
+    (a row of epoch 0, without training columns). ``config.prune == "none"`` is the dense
+    baseline: no pruning phase, the same retraining. CNN rows and metrics carry top-5
+    accuracy beside top-1."""
     result = RunResult(config=asdict(config))
     notify = on_row or (lambda _: None)
     device = torch.device(config.device)
     workload = build_workload(config, initial_state=initial_state)
     model, forward = workload.model, workload.forward
     train_loader, test_loader = workload.train_loader, workload.eval_loader
+    ks = (1,) if config.is_text else (1, 5)  # top-5 of a 2-class task says nothing
+
+    def test_accuracies(model) -> dict[int, float]:
+        return accuracies(model, test_loader, device=device, forward=forward, ks=ks)
 
     profiler = PhaseProfiler(device, carbon_intensity=config.carbon_intensity, pue=config.pue)
     costs = _Costs(workload, config)
 
     # -- search ---------------------------------------------------------------------
     optimizer = make_optimizer(config, model.parameters())
+    scheduler = make_scheduler(
+        config, optimizer, epochs=config.max_epochs, steps_per_epoch=len(train_loader)
+    )
     search = make_search(config, model, optimizer)
     penalty = search.penalty if config.mode == "gradient" else None
     masked_numel = sum(p.numel() for p in search.params.values())
-    accuracy = None
+    check_cost = mask_check_cost(masked_numel, window=config.window)
+    tested: dict[int, float] = {}
     try:
+        if config.first_check == "init":  # the Early-Bird code's mask of the initialization
+            with profiler.phase("search"):
+                record = search.check()
+                profiler.add_work(mask_ops=check_cost)
+            result.rows.append(dict(phase="search", epoch=0, **_check_columns(record)))
+            _publish(result, profiler, notify)
         for epoch in range(1, config.max_epochs + 1):
             with profiler.phase("search"):
                 truncating = optimizer.truncation < 1.0
                 trained = train_epoch(
                     model, train_loader, optimizer, device=device, forward=forward,
                     progress=progress, description=f"{config.mode} search epoch {epoch}",
-                    penalty=penalty if search.window.count else None,
+                    penalty=penalty if search.window.count else None, scheduler=scheduler,
                 )  # fmt: skip
-                accuracy = evaluate(model, test_loader, device=device, forward=forward)
+                tested = test_accuracies(model)
                 row = dict(
                     phase="search", epoch=epoch, loss=trained.loss,
-                    train_accuracy=trained.accuracy, test_accuracy=accuracy,
-                    seconds=trained.seconds, steps=trained.steps,
-                    batch_losses=trained.batch_losses,
+                    train_accuracy=trained.accuracy, test_accuracy=tested[1],
+                    test_top5_accuracy=tested.get(5), seconds=trained.seconds,
+                    steps=trained.steps, batch_losses=trained.batch_losses,
                 )  # fmt: skip
                 result.rows.append(row)  # kept if the check fails: the epoch did train
                 held = min(search.window.count, config.window)  # the masks the penalty read
                 record = search.check(train_loss=trained.loss)
                 costs.count_epoch(profiler, model, trained.steps,
                                   masked_numel if truncating else 0)  # fmt: skip
-                profiler.add_work(mask_ops=mask_check_cost(masked_numel, window=config.window))
+                profiler.add_work(mask_ops=check_cost)
                 if penalty is not None and held:
                     cost = penalty_step_cost(masked_numel, rows=held) * trained.steps
                     profiler.add_work(mask_ops=cost)
-            row.update(
-                d_max=record.d_max, d_avg=record.d_avg, r=record.r, triggered=record.triggered,
-                converged=record.converged,
-            )  # fmt: skip
+            row.update(_check_columns(record))
             _publish(result, profiler, notify)
             if record.converged:
                 break
-        pre_pruned = accuracy
+        pre_pruned = tested
 
         # -- prune --------------------------------------------------------------------
         # A search that never converged is pruned with its last mask, and says so.
         ticket_masks = search.candidate().bool_masks()
         params_before = sum(p.numel() for p in model.parameters())
-        with profiler.phase("prune"):
-            if config.prune == "structured":
-                pruned = prune.prune_channels(model, ticket_masks, costs.example)
-                model, params_after = pruned.model, pruned.params_after
-            else:
-                prune.apply_unstructured(model, ticket_masks)
-                params_after = params_before - sum(int((~m).sum()) for m in ticket_masks.values())
-            pruned_accuracy = evaluate(model, test_loader, device=device, forward=forward)
-            costs.count_evaluation(profiler, model)
-        result.rows.append(dict(phase="prune", epoch=0, test_accuracy=pruned_accuracy))
-        _publish(result, profiler, notify)
+        params_after, pruned = params_before, {}
+        if config.prune != "none":
+            with profiler.phase("prune"):
+                if config.prune == "structured":
+                    channels = prune.prune_channels(model, ticket_masks, costs.example)
+                    model, params_after = channels.model, channels.params_after
+                else:
+                    prune.apply_unstructured(model, ticket_masks)
+                    params_after -= sum(int((~m).sum()) for m in ticket_masks.values())
+                pruned = test_accuracies(model)
+                costs.count_evaluation(profiler, model)
+            result.rows.append(
+                dict(phase="prune", epoch=0, test_accuracy=pruned[1],
+                     test_top5_accuracy=pruned.get(5))
+            )  # fmt: skip
+            _publish(result, profiler, notify)
 
         # -- retrain ------------------------------------------------------------------
         optimizer = make_optimizer(config, model.parameters())
-        retrain_accuracies = []
+        scheduler = make_scheduler(
+            config, optimizer, epochs=config.retrain_epochs, steps_per_epoch=len(train_loader)
+        )
+        retrained, retrain_wall = [], []
         for epoch in range(1, config.retrain_epochs + 1):
             with profiler.phase("retrain"):
+                started = time.perf_counter()
                 trained = train_epoch(
                     model, train_loader, optimizer, device=device, forward=forward,
                     progress=progress, description=f"{config.mode} retrain epoch {epoch}",
+                    scheduler=scheduler,
                 )  # fmt: skip
-                retrain_accuracies.append(
-                    evaluate(model, test_loader, device=device, forward=forward)
-                )
+                retrained.append(test_accuracies(model))
                 costs.count_epoch(profiler, model, trained.steps, 0)
+                retrain_wall.append(time.perf_counter() - started)
             result.rows.append(
                 dict(
                     phase="retrain", epoch=epoch, loss=trained.loss,
-                    train_accuracy=trained.accuracy, test_accuracy=retrain_accuracies[-1],
-                    seconds=trained.seconds, steps=trained.steps,
-                    batch_losses=trained.batch_losses,
+                    train_accuracy=trained.accuracy, test_accuracy=retrained[-1][1],
+                    test_top5_accuracy=retrained[-1].get(5), seconds=trained.seconds,
+                    steps=trained.steps, batch_losses=trained.batch_losses,
                 )
             )  # fmt: skip
             _publish(result, profiler, notify)
@@ -199,31 +250,59 @@ def run(
         _publish(result, profiler, notify)
         raise
 
-    report = profiler.report()
-    seconds = {row.phase: row.duration for row in report}
-    flops = {row.phase: row.flops for row in report}
-    result.metrics = dict(
-        converged=search.converged,
-        search_epochs=len([row for row in result.rows if row["phase"] == "search"]),
-        trigger_epoch=search.triggered_at,
-        pre_pruned_accuracy=pre_pruned,
-        pruned_accuracy=pruned_accuracy,
-        retrain_accuracy_1=retrain_accuracies[0] if retrain_accuracies else None,
-        accuracy_gain_1=retrain_accuracies[0] - pre_pruned if retrain_accuracies else None,
-        restore_90_epochs=_restore_epochs(pre_pruned, pruned_accuracy, retrain_accuracies),
-        search_seconds=seconds["search"],
-        prune_seconds=seconds["prune"],
-        retrain_seconds=seconds.get("retrain", 0.0),
-        total_seconds=seconds["total"],
-        search_flops=flops["search"],
-        total_flops=flops["total"],
-        params_before=params_before,
-        params_after=params_after,
-        ticket_density=search.candidate().density,
-    )
+    result.metrics = _metrics(
+        config, search, profiler, pre_pruned, pruned, retrained, retrain_wall,
+        params=(params_before, params_after),
+    )  # fmt: skip
     result.status = "complete"
     _publish(result, profiler, notify)
     return result
+
+
+def _metrics(config, search, profiler, pre_pruned, pruned, retrained, retrain_wall, *, params):
+    """The run's metrics (paper Tables I–VI and more): accuracies, epochs to the ticket,
+    to the trigger and to restoration, times, FLOPs, sizes."""
+    report = profiler.report()
+    seconds = {row.phase: row.duration for row in report}
+    flops = {row.phase: row.flops for row in report}
+    pre = pre_pruned[1]
+    start = pruned.get(1, pre)  # the dense baseline starts retraining where it was
+    top1 = [accuracy[1] for accuracy in retrained]
+    target = parse_restore_target(config.restore_target)
+    restore = _restore_epochs(pre, start, top1, target)
+    pruned_at = seconds["search"] + seconds.get("prune", 0.0)  # when retraining begins
+    truncates = config.mode in ("worm", "truncate", "rl") and config.truncation < 1.0
+    return dict(
+        converged=search.converged,
+        search_epochs=search.records[-1].epoch,  # trained epochs, whatever the convention
+        # With r = 1 nothing is truncated, so there is no trigger to report.
+        trigger_epoch=search.triggered_at if truncates else None,
+        trigger_possible=truncates,
+        pre_pruned_accuracy=pre,
+        pre_pruned_top5_accuracy=pre_pruned.get(5),
+        pruned_accuracy=pruned.get(1),
+        pruned_top5_accuracy=pruned.get(5),
+        retrain_accuracy_1=top1[0] if top1 else None,
+        retrain_top5_accuracy_1=retrained[0].get(5) if retrained else None,
+        accuracy_gain_1=top1[0] - pre if top1 else None,
+        restore_target=config.restore_target,
+        restore_epochs=restore,
+        restore_90_relative_epochs=_restore_epochs(pre, start, top1, ("relative", 0.9)),
+        restore_90_absolute_epochs=_restore_epochs(pre, start, top1, ("absolute", 90.0)),
+        search_seconds=seconds["search"],
+        prune_seconds=seconds.get("prune", 0.0),
+        retrain_seconds=seconds.get("retrain", 0.0),
+        total_seconds=seconds["total"],
+        # Search, pruning and the retrain epochs up to the target (Table I's "Total Time").
+        time_to_restore_seconds=None
+        if restore is None
+        else pruned_at + sum(retrain_wall[:restore]),
+        search_flops=flops["search"],
+        total_flops=flops["total"],
+        params_before=params[0],
+        params_after=params[1],
+        ticket_density=None if config.prune == "none" else search.candidate().density,
+    )
 
 
 def _publish(result: RunResult, profiler: PhaseProfiler, notify) -> None:

@@ -1,4 +1,4 @@
-"""One epoch of supervised training, and evaluation, for any classifier.
+"""One epoch of supervised training, and evaluation (top-1 and top-k), for any classifier.
 
 A ``forward(model, batch, device) -> (logits, labels)`` says how a batch goes through
 the model: ``classify_images`` for ``(images, labels)`` batches, ``classify_tokens`` for
@@ -59,9 +59,11 @@ def train_epoch(
     progress: bool = False,
     description: str = "train",
     penalty: Callable[[], torch.Tensor] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> EpochResult:
     """One pass over ``loader``. ``penalty`` (e.g. WORM-gradient's ``search.penalty``) is
-    added to each step's loss; the losses reported are the task's alone."""
+    added to each step's loss; the losses reported are the task's alone. ``scheduler``
+    steps after every optimizer step."""
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
@@ -73,6 +75,8 @@ def train_epoch(
         loss = nn.functional.cross_entropy(logits, labels)
         (loss if penalty is None else loss + penalty()).backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         batch_losses.append(loss.detach())
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.argmax(dim=1) == labels).sum()
@@ -89,7 +93,6 @@ def train_epoch(
     )
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -98,15 +101,37 @@ def evaluate(
     forward: Forward = classify_images,
 ) -> float:
     """Top-1 accuracy in % over ``loader``, with the model in eval mode."""
+    return accuracies(model, loader, device=device, forward=forward, ks=(1,))[1]
+
+
+@torch.no_grad()
+def accuracies(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    forward: Forward = classify_images,
+    ks: tuple[int, ...] = (1, 5),
+) -> dict[int, float]:
+    """Top-k accuracy in % over ``loader`` for each k of ``ks`` (a sample counts when its
+    label is among the k largest logits; top-1 is the argmax, ties to the first class),
+    in one pass with the model in eval mode."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
     samples = 0
     for batch in loader:
         logits, labels = forward(model, batch, device)
-        correct += (logits.argmax(dim=1) == labels).sum()
+        hits = []
+        for k in ks:
+            if k == 1:
+                hits.append((logits.argmax(dim=1) == labels).sum())
+            else:
+                top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+                hits.append((top == labels.unsqueeze(1)).any(dim=1).sum())
+        correct += torch.stack(hits)
         samples += labels.numel()
     model.train(was_training)
     if samples == 0:
         raise ValueError("the evaluation loader yielded no batches")
-    return 100.0 * correct.item() / samples
+    return {k: 100.0 * count / samples for k, count in zip(ks, correct.tolist())}

@@ -1,8 +1,11 @@
 """Several variants of a run (EB vs WORM vs the proposal's WORM-gradient and WORM-RL, a
-truncation sweep, Q/K vs Q/K/V representative layers) from identical starts.
+dense baseline, a truncation sweep, Q/K vs Q/K/V representative layers) from identical
+starts.
 
 For every seed, each variant starts from the same initial weights and sees the same
-data order, as the paper's Tables I–III do; metrics are averaged over seeds. The
+data order, as the paper's Tables I–III do; metrics are averaged over seeds, and the
+summary says how many runs converged, triggered and restored, so that a mean over
+censored runs (a search that hit its epoch limit) is never mistaken for a measured one. The
 results document is handed to ``on_update`` after every epoch, and a run cut short by
 KeyboardInterrupt is marked ``interrupted`` (one whose training diverged, ``failed``,
 with its ``error``) before the exception propagates, so what was written covers exactly
@@ -10,6 +13,7 @@ the finished epochs. Every variant's settings are checked against the model befo
 the first epoch of any (:func:`~worm_fast.experiments.pipeline.check_setup`).
 """
 
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
@@ -28,18 +32,36 @@ MODE_LABELS = {
     "gradient": "WORM-gradient",
     "rl": "WORM-RL",
 }
+# Table IV's baseline: EB Train's search sets the budget, its ticket is not applied, and
+# the same retraining follows, so the one difference from EB Train is the pruning.
+DENSE_LABEL = "Dense (no pruning)"
+DENSE_VARIANT = {"mode": "eb", "prune": "none"}
+
+# A metric whose runs may not reach it (censored), and the count of runs that did.
+CENSORED = {
+    "search_epochs": "converged_runs",
+    "restore_epochs": "restored_runs",
+    "time_to_restore_seconds": "restored_runs",
+}
 
 
 def compare_variants(
-    *, with_truncate: bool = False, modes: tuple[str, ...] = ("eb", "worm")
+    *,
+    with_truncate: bool = False,
+    with_dense: bool = False,
+    modes: tuple[str, ...] = ("eb", "worm"),
 ) -> dict[str, dict]:
     """One variant per search mode, by default EB Train vs WORM (Tables II/III);
-    ``with_truncate`` adds truncation from the start."""
+    ``with_truncate`` adds truncation from the start, ``with_dense`` the dense baseline
+    (Table IV)."""
     modes = (*modes, "truncate") if with_truncate and "truncate" not in modes else modes
     unknown = [mode for mode in modes if mode not in MODE_LABELS]
     if unknown or not modes:
         raise ValueError(f"modes must be some of {', '.join(MODE_LABELS)}; got {list(modes)}")
-    return {MODE_LABELS[mode]: {"mode": mode} for mode in dict.fromkeys(modes)}
+    variants = {MODE_LABELS[mode]: {"mode": mode} for mode in dict.fromkeys(modes)}
+    if with_dense:
+        variants[DENSE_LABEL] = dict(DENSE_VARIANT)
+    return variants
 
 
 def sweep_variants(truncations=TABLE_I_TRUNCATIONS) -> dict[str, dict]:
@@ -57,16 +79,44 @@ def value_masking_variants(mode: str = "eb") -> dict[str, dict]:
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
-    """Per variant: the mean of every numeric metric over its complete runs."""
+    """Per variant, over its complete runs: ``runs``; how many converged, triggered (of
+    those that could) and restored; the mean of every numeric metric over the runs that
+    have it (a metric a run never reached, like a restoration beyond its retrain epochs,
+    is left out of the mean, and the count says so); ``<metric>_std``, the seed-to-seed
+    standard deviation; and for each censored metric (``CENSORED``) ``<metric>_bound``,
+    the mean with every run that did not get there counted at what it ran (its search
+    or retrain epochs, its total time): a lower bound on the mean, the "≥" of a table."""
     summary: dict[str, dict] = {}
     for variant in dict.fromkeys(entry["variant"] for entry in runs):
         complete = [e for e in runs if e["variant"] == variant and e["status"] == "complete"]
+        metrics = [e["metrics"] for e in complete]
         means: dict = {"runs": len(complete)}
-        for key in complete[0]["metrics"] if complete else ():
-            values = [e["metrics"][key] for e in complete if e["metrics"][key] is not None]
-            means[key] = sum(float(v) for v in values) / len(values) if values else None
+        means["converged_runs"] = sum(bool(m["converged"]) for m in metrics)
+        means["trigger_possible_runs"] = sum(bool(m.get("trigger_possible")) for m in metrics)
+        means["triggered_runs"] = sum(m.get("trigger_epoch") is not None for m in metrics)
+        means["restored_runs"] = sum(m.get("restore_epochs") is not None for m in metrics)
+        for key in metrics[0] if metrics else ():
+            values = [float(m[key]) for m in metrics if isinstance(m[key], int | float)]
+            means[key] = statistics.fmean(values) if values else None
+            if len(values) > 1:
+                means[f"{key}_std"] = statistics.stdev(values)
+        for key in CENSORED:
+            if metrics and key in metrics[0]:
+                means[f"{key}_bound"] = statistics.fmean(
+                    _reached_or_limit(entry, key) for entry in complete
+                )
         summary[variant] = means
     return summary
+
+
+def _reached_or_limit(entry: dict, key: str) -> float:
+    """The run's ``key``, or, when it never got there, how far it went."""
+    value = entry["metrics"][key]
+    if key == "search_epochs" or value is not None:
+        return float(value)  # a search that did not converge ran all its epochs
+    if key == "restore_epochs":
+        return float(entry["config"]["retrain_epochs"])
+    return float(entry["metrics"]["total_seconds"])
 
 
 def _checked_model(base: RunConfig, configs: dict[str, RunConfig]):

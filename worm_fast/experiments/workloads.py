@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from worm_fast.experiments.config import RunConfig
@@ -64,7 +65,22 @@ def make_optimizer(config: RunConfig, params) -> TruncatingOptimizer:
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
             backend=config.backend,
         )  # fmt: skip
-    return WormAdamW(params, lr=config.lr, weight_decay=config.weight_decay, backend=config.backend)
+    return WormAdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, truncate=config.adamw_truncate,
+        backend=config.backend,
+    )  # fmt: skip
+
+
+def make_scheduler(
+    config: RunConfig, optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int
+) -> LambdaLR | None:
+    """The learning-rate schedule of one phase (search, or retraining) of ``epochs``
+    epochs: None for a constant lr, else linear decay from lr to 0 over the phase's steps
+    (the Hugging Face Trainer's default, without warmup), stepped after every step."""
+    if config.lr_schedule == "constant":
+        return None
+    total = max(1, epochs * steps_per_epoch)
+    return LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
 
 
 def _train_size(config: RunConfig) -> int | None:

@@ -1,30 +1,44 @@
 """Early-Bird / WORM ticket search inside a Hugging Face ``Trainer`` run.
 
+For example, on a tiny random BERT and random "sentences" (your model and dataset go
+there)::
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
     from transformers import Trainer, TrainingArguments
+
+    from worm_fast import prune
     from worm_fast.integrations.huggingface import WormCallback, load_ticket, worm_adamw
 
-    args = TrainingArguments("out", num_train_epochs=10, learning_rate=2e-5)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=37)
+    model = BertForSequenceClassification(config)
+    train = [{"input_ids": torch.randint(1, 100, (8,)), "labels": i % 2} for i in range(32)]
+
+    args = TrainingArguments("out", num_train_epochs=10, learning_rate=2e-5, report_to="none")
     trainer = Trainer(
         model=model, args=args, train_dataset=train,
         optimizer_cls_and_kwargs=worm_adamw(args),  # truncation fused into AdamW's step
         callbacks=[WormCallback(mode="worm", save_dir="out/ticket")],
     )
     trainer.train()  # stops at the epoch end where the ticket converges
-    worm_fast.prune.apply_unstructured(model, load_ticket("out/ticket/ticket.pt").bool_masks())
+    prune.apply_unstructured(model, load_ticket("out/ticket/ticket.pt").bool_masks())
 
 WORM-gradient (``mode="gradient"``) adds the search's penalty to the training loss, which
 a callback cannot do: train with :class:`WormTrainer`, a ``Trainer`` whose
-``compute_loss`` adds it (or add ``callback.penalty()`` in your own ``compute_loss``)::
-
-    trainer = WormTrainer(model=model, args=args, train_dataset=train,
-                          callbacks=[WormCallback(mode="gradient", save_dir="out/ticket")])
+``compute_loss`` adds it (or add ``callback.penalty()`` in your own ``compute_loss``):
+``WormTrainer(model=model, args=args, train_dataset=train,
+callbacks=[WormCallback(mode="gradient", save_dir="out/ticket")])``.
 
 The callback builds an :class:`~worm_fast.search.EarlyBirdSearch` over the model and the
 Trainer's optimizer when training begins, runs one check of Algorithm 1 at every epoch
 end (or every ``check_every_steps`` optimizer steps), and stops training once the ticket
 converges. Search settings default to the paper's for transformers (stop distance 0.01,
 window 3, trigger margin 0.005, r = 3e-3, prune ratio 0.5, query and key weights as
-representative layers). Modes ``worm`` and ``truncate`` need a WormAdamW (or WormSGD);
+representative layers); the first mask is taken after the first epoch unless
+``first_check="init"`` (the paper presets' convention), which adds a check of the
+untrained model when training begins. Modes ``worm`` and ``truncate`` need a WormAdamW (or WormSGD);
 ``eb`` and ``gradient`` work with any optimizer.
 
 The search survives ``trainer.train(resume_from_checkpoint=...)``: every checkpoint the
@@ -125,7 +139,10 @@ class WormCallback(TrainerCallback):
                 f"WormCallback got unknown keyword(s) {', '.join(unknown)}; EarlyBirdSearch "
                 f"takes {', '.join(sorted(defaults))}"
             )
-        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), **search_kwargs}
+        # A check at every epoch end (or every k steps), as EarlyBirdSearch's default;
+        # first_check="init" adds the paper presets' check before training.
+        self.search_kwargs = {**PAPER_TRANSFORMER.kwargs(), "first_check": "epoch",
+                              **search_kwargs}  # fmt: skip
         settings = {**defaults, **self.search_kwargs}
         check_settings(
             **{name: settings[name] for name in inspect.signature(check_settings).parameters}
@@ -157,6 +174,8 @@ class WormCallback(TrainerCallback):
         self.checks = []
         if state.global_step > 0:  # resumed from a checkpoint
             self._resume(args, state, control)
+        elif self.search.config["first_check"] == "init":  # the untrained model's mask
+            self._check(state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.check_every_steps is not None and state.global_step % self.check_every_steps == 0:
@@ -205,11 +224,12 @@ class WormCallback(TrainerCallback):
             self._save_checks(error=str(error))
             raise
         entry = asdict(record)
-        entry["check"] = entry.pop("epoch")  # the record counts checks, not Trainer epochs
+        del entry["epoch"]  # the Trainer's epoch is the one recorded
+        entry["check"] = len(self.search.records)
         self.checks.append({**entry, "global_step": state.global_step, "epoch": state.epoch})
         logger.info(
             "Early-Bird check %d at step %d: d_max=%s d_avg=%s r=%g%s",
-            record.epoch, state.global_step, record.d_max, record.d_avg, record.r,
+            entry["check"], state.global_step, record.d_max, record.d_avg, record.r,
             " (converged)" if record.converged else "",
         )  # fmt: skip
         self._save_checks()

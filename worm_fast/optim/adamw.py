@@ -5,16 +5,18 @@ from collections import defaultdict
 import torch
 
 from worm_fast import ops
+from worm_fast._checks import check_adamw_truncate
 from worm_fast.optim.base import TruncatingOptimizer, lr_arguments
 
 
 class WormAdamW(TruncatingOptimizer):
-    r"""AdamW with WORM's masked update scaling (truncation).
+    r"""AdamW with WORM's truncation of pruned elements.
 
     A drop-in ``torch.optim.AdamW``: same arguments, param groups, state keys
     (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and ``state_dict``; with
     no mask it matches AdamW step for step. With a truncation mask set through
-    :meth:`set_truncation`, the Adam update of every pruned element is scaled by ``r``:
+    :meth:`set_truncation`, by default (``truncate="update"``) the Adam update of every
+    pruned element is scaled by ``r``:
 
     .. math::
         \theta_t \leftarrow \theta_{t-1}(1 - \gamma\lambda)
@@ -24,8 +26,12 @@ class WormAdamW(TruncatingOptimizer):
     Unlike SGD, scaling AdamW's *gradient* would be undone once the second moment
     adapts to the smaller gradients (the update is normalized by their running RMS),
     so WormAdamW scales the update instead: pruned elements learn ``r`` times slower,
-    as under WormSGD. Decoupled weight decay is not truncated. The moments see the raw
-    gradient, so they are current when truncation stops.
+    as under WormSGD. The moments see the raw gradient, so they are current when
+    truncation stops. ``truncate="gradient"`` applies the paper's literal rule instead:
+    the raw gradient of pruned elements is scaled by ``r`` before the moments (as
+    WormSGD does), and the update is not. Decoupled weight decay is never truncated.
+    ``truncate`` is a param-group setting, so it travels in ``state_dict``; a state dict
+    without it (``torch.optim.AdamW``'s) keeps the constructor's.
 
     ``state["step"]`` lives on the parameter's device (as with ``fused=True``), so the
     step never syncs with the host; GradScaler steps with an inf change nothing,
@@ -42,6 +48,7 @@ class WormAdamW(TruncatingOptimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        truncate: str = "update",
         backend: str = "auto",
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -55,11 +62,16 @@ class WormAdamW(TruncatingOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_adamw_truncate(truncate)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize,
+            maximize=maximize, truncate=truncate,
         )  # fmt: skip
         super().__init__(params, defaults, backend)
+
+    def add_param_group(self, param_group: dict) -> None:
+        check_adamw_truncate(param_group.get("truncate", self.defaults["truncate"]))
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -108,8 +120,8 @@ class WormAdamW(TruncatingOptimizer):
                     **lr_arguments(group["lr"], device),
                     beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                     eps=group["eps"], amsgrad=amsgrad, maximize=group["maximize"],
-                    truncation=self.truncation, **self._amp_tensors(device),
-                    backend=self.backend,
+                    truncation=self.truncation, truncate=group["truncate"],
+                    **self._amp_tensors(device), backend=self.backend,
                 ))  # fmt: skip
         for launch in launches:
             launch()
@@ -119,8 +131,15 @@ class WormAdamW(TruncatingOptimizer):
     ELEMENTWISE_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def load_state_dict(self, state_dict) -> None:
-        """Load a state dict (also torch.optim.AdamW's, whose steps live on the CPU)."""
+        """Load a state dict (also torch.optim.AdamW's, whose steps live on the CPU, and
+        whose groups have no ``truncate``: they keep this optimizer's)."""
+        for group in state_dict.get("param_groups", []):
+            if "truncate" in group:
+                check_adamw_truncate(group["truncate"])
+        before = [group["truncate"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, truncate in zip(self.param_groups, before):
+            group.setdefault("truncate", truncate)
         for param, state in self.state.items():
             if "step" in state:
                 step = state["step"]

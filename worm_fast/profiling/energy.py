@@ -5,11 +5,14 @@ Volta and newer), else NVML power (mW) polled by a background thread and integra
 the trapezoid rule. For the CPU: Linux RAPL package and DRAM zones under
 ``/sys/class/powercap`` (µJ counters that wrap around). Every source is reported under its
 name; one that cannot be read is ``None`` with the reason in words — never 0 J, since 0 J
-is a measurement and "unknown" is not.
+is a measurement and "unknown" is not. For example::
+
+    import torch
+    from worm_fast.profiling import EnergyMeter
 
     meter = EnergyMeter()
     with meter:
-        train()
+        torch.randn(512, 512) @ torch.randn(512, 512)  # your training here
     print(meter.reading.joules, meter.reading.reasons)
 """
 

@@ -1,23 +1,38 @@
 """Where the time, work and energy of a run went, phase by phase (search, prune, retrain).
 
-    profiler = PhaseProfiler(device)
+For example (a step's costs are computed once, then counted per step)::
+
+    import torch
+    from worm_fast import WormSGD
+    from worm_fast.profiling import PhaseProfiler, model_flops, sgd_step_cost
+
+    model = torch.nn.Linear(32, 10)
+    optimizer = WormSGD(model.parameters(), lr=0.1, momentum=0.9)
+    inputs, labels = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    flops = model_flops(model, (inputs,))
+    cost = sgd_step_cost(model.parameters(), momentum=0.9, masked_numel=0)
+
+    profiler = PhaseProfiler("cpu")
     with profiler.phase("search"):
-        ...  # train
-        profiler.add_steps(steps, model_flops_per_step=flops.train_step, optimizer_per_step=cost)
+        for _ in range(10):  # your training steps
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+            optimizer.step()
+        profiler.add_steps(10, model_flops_per_step=flops.train_step, optimizer_per_step=cost)
     print(profiler.format_table())
 
 Each phase records wall time (CUDA synchronized at its edges), steps, the model FLOPs and
 the optimizer and mask-op FLOPs and bytes the caller adds (computed once with
 ``profiling.flops`` and ``profiling.op_costs`` and multiplied, never counted live),
-energy per source from an ``EnergyMeter``, and peak memory. The report has a row per
-phase and a "total" row that is the sum of the phases (for CUDA peak memory, their
-maximum). CO2 is reported only when the grid's carbon intensity and the data centre's
-PUE are both given.
+energy per source from an ``EnergyMeter``, and peak memory: on a CUDA device the
+allocator's peak, elsewhere the process's peak resident memory during the phase (Linux:
+the kernel's high-water mark, reset when the phase begins; where that cannot be read,
+None with the reason, never 0). The report has a row per phase and a "total" row that
+is the sum of the phases (for peak memory, their maximum). CO2 is reported only when
+the grid's carbon intensity and the data centre's PUE are both given.
 """
 
 import csv
-import resource
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -32,8 +47,6 @@ from worm_fast.profiling.op_costs import OpCost
 
 JOULES_PER_KWH = 3.6e6
 TOTAL = "total"
-# ru_maxrss is in KiB on Linux and in bytes on macOS.
-_MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,9 @@ class PhaseRow:
     ``emissions`` in kg CO2eq. ``None`` means not measured, never zero.
 
     ``peak_memory_bytes`` is, per ``memory_measure``, the CUDA ``max_memory_allocated``
-    within the phase, or how much the phase raised the process's peak RSS.
+    within the phase, or the process's peak resident memory within it
+    (``process_peak_rss``); None when it could not be measured (``memory_unavailable``
+    says why).
     """
 
     phase: str
@@ -63,8 +78,9 @@ class PhaseRow:
     emissions: float | None
     carbon_intensity: float | None  # g CO2eq / kWh, as given
     pue: float | None
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None
     memory_measure: str
+    memory_unavailable: str | None  # why peak_memory_bytes is None
     energy_sources: dict[str, float | None]  # J per source
     energy_unavailable: dict[str, str]  # source → why it gave no value
 
@@ -84,12 +100,11 @@ class _Tally:
     optimizer: OpCost = field(default_factory=OpCost)
     mask: OpCost = field(default_factory=OpCost)
     energy: EnergyReading | None = None
-    peak_memory: int = 0
+    peak_memory: int | None = None
 
-    def merge(self, other: "_Tally", *, memory_adds: bool) -> "_Tally":
+    def merge(self, other: "_Tally") -> "_Tally":
         energy = None if self.energy is None else self.energy + other.energy
-        # A peak of peaks is their maximum; growths of one high-water mark add up.
-        combine = sum if memory_adds else max
+        peaks = [peak for peak in (self.peak_memory, other.peak_memory) if peak is not None]
         return _Tally(
             timestamp=min(self.timestamp, other.timestamp),
             duration=self.duration + other.duration,
@@ -98,7 +113,7 @@ class _Tally:
             optimizer=self.optimizer + other.optimizer,
             mask=self.mask + other.mask,
             energy=energy,
-            peak_memory=combine([self.peak_memory, other.peak_memory]),
+            peak_memory=max(peaks) if peaks else None,  # a peak of peaks is their maximum
         )
 
 
@@ -106,8 +121,10 @@ class PhaseProfiler:
     """Per-phase accounting of one run; phases may repeat (they accumulate), not nest.
 
     ``device``: where the model runs. A CUDA device: CUDA peak memory and that GPU's
-    energy; anything else: the process's peak RSS and every GPU NVML sees (the machine's
-    draw, labelled per GPU, so a CPU run on a GPU host still says what its GPUs used).
+    energy; anything else: the process's peak resident memory per phase (resetting
+    Linux's per-process high-water mark, ``VmHWM``, as each phase begins) and every GPU
+    NVML sees (the machine's draw, labelled per GPU, so a CPU run on a GPU host still
+    says what its GPUs used).
     ``energy``: ``True`` for such an ``EnergyMeter`` (plus RAPL), ``False`` for none, or
     a meter of your own.
     ``carbon_intensity`` (g CO2eq per kWh of the grid) and ``pue`` (the data centre's power
@@ -137,7 +154,12 @@ class PhaseProfiler:
         self.meter: EnergyMeter | None = energy or None
         self.carbon_intensity = carbon_intensity
         self.pue = pue
-        self.memory_measure = "cuda_max_allocated" if self._on_cuda else "max_rss_growth"
+        self._rss = None if self._on_cuda else PeakResidentMemory()
+        self.memory_unavailable = None if self._rss is None else self._rss.unavailable
+        if self._on_cuda:
+            self.memory_measure = "cuda_max_allocated"
+        else:
+            self.memory_measure = "process_peak_rss" if self._rss.unavailable is None else "n/a"
         self._phases: dict[str, _Tally] = {}
         self._current: _Tally | None = None
 
@@ -151,7 +173,7 @@ class PhaseProfiler:
         tally = _Tally(timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self._current = tally
         self._sync()
-        memory_before = self._memory_mark()
+        self._memory_mark()
         if self.meter is not None:
             self.meter.start()
         started = perf_counter()
@@ -162,12 +184,10 @@ class PhaseProfiler:
             tally.duration = perf_counter() - started
             if self.meter is not None:
                 tally.energy = self.meter.stop()
-            tally.peak_memory = self._memory_peak(memory_before)
+            tally.peak_memory = self._memory_peak()
             self._current = None
             previous = self._phases.get(name)
-            self._phases[name] = (
-                tally if previous is None else previous.merge(tally, memory_adds=not self._on_cuda)
-            )
+            self._phases[name] = tally if previous is None else previous.merge(tally)
 
     def add_steps(
         self,
@@ -199,7 +219,7 @@ class PhaseProfiler:
             tallies = list(self._phases.values())
             total = tallies[0]
             for tally in tallies[1:]:
-                total = total.merge(tally, memory_adds=not self._on_cuda)
+                total = total.merge(tally)
             rows.append(self._row(TOTAL, total))
         return rows
 
@@ -249,7 +269,7 @@ class PhaseProfiler:
                 _or_na(row.energy_joules, "{:.1f}"),
                 _or_na(row.energy_consumed, "{:.3g}"),
                 _or_na(None if row.emissions is None else row.emissions * 1e3, "{:.3g}"),
-                _si(row.peak_memory_bytes, "B"),
+                "n/a" if row.peak_memory_bytes is None else _si(row.peak_memory_bytes, "B"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
         sources = ", ".join(self.meter.sources) if self.meter and self.meter.sources else "none"
@@ -259,7 +279,10 @@ class PhaseProfiler:
             lines.append(
                 "Not measured: " + "; ".join(f"{n}: {why}" for n, why in unavailable.items()) + "."
             )
-        lines.append(f"Peak memory: {self.memory_measure}.")
+        if self.memory_unavailable is None:
+            lines.append(f"Peak memory: {self.memory_measure}.")
+        else:
+            lines.append(f"Peak memory: not measured ({self.memory_unavailable}).")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------ internals
@@ -303,6 +326,7 @@ class PhaseProfiler:
             pue=self.pue,
             peak_memory_bytes=tally.peak_memory,
             memory_measure=self.memory_measure,
+            memory_unavailable=self.memory_unavailable,
             energy_sources={} if energy is None else dict(energy.joules),
             energy_unavailable=self._unavailable() if energy is None else dict(energy.reasons),
         )
@@ -311,16 +335,57 @@ class PhaseProfiler:
         if self._on_cuda and torch.cuda.is_initialized():
             torch.cuda.synchronize(self.device)
 
-    def _memory_mark(self) -> int:
+    def _memory_mark(self) -> None:
         if self._on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-            return 0
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_BYTES
+        else:
+            self._rss.reset()
 
-    def _memory_peak(self, mark: int) -> int:
+    def _memory_peak(self) -> int | None:
         if self._on_cuda:
             return torch.cuda.max_memory_allocated(self.device)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_BYTES - mark
+        return self._rss.peak()
+
+
+class PeakResidentMemory:
+    """The process's peak resident memory since the last ``reset()``, from Linux's
+    per-process high-water mark: writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM``
+    (in ``/proc/self/status``) to the current resident size (Linux >= 4.0). Elsewhere,
+    or where /proc refuses, ``unavailable`` says why and ``peak()`` is None.
+
+    The mark is the process's: a reset also lowers what ``resource.getrusage``'s
+    ``ru_maxrss`` reports from then on.
+    """
+
+    CLEAR_REFS = Path("/proc/self/clear_refs")
+    STATUS = Path("/proc/self/status")
+
+    def __init__(self) -> None:
+        self.unavailable: str | None = None
+        try:
+            self.reset()
+            self._read()
+        except (OSError, ValueError) as error:
+            self.unavailable = (
+                f"the process's peak resident memory needs Linux's {self.CLEAR_REFS} and "
+                f"VmHWM in {self.STATUS} ({error})"
+            )
+
+    def reset(self) -> None:
+        if self.unavailable is None:
+            self.CLEAR_REFS.write_text("5")
+
+    def peak(self) -> int | None:
+        return None if self.unavailable is not None else self._read()
+
+    def _read(self) -> int:
+        for line in self.STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                kib, unit = line.split()[1:3]
+                if unit != "kB":
+                    raise ValueError(f"VmHWM in {unit!r}, expected kB")
+                return int(kib) * 1024
+        raise ValueError(f"no VmHWM line in {self.STATUS}")
 
 
 def _as_device(device: torch.device | str | int) -> torch.device:
@@ -350,4 +415,4 @@ def _si(value: float, unit: str = "") -> str:
     return f"{value:g} {unit}".rstrip()
 
 
-__all__ = ["TOTAL", "PhaseProfiler", "PhaseRow"]
+__all__ = ["TOTAL", "PeakResidentMemory", "PhaseProfiler", "PhaseRow"]

@@ -12,6 +12,7 @@
 #include <c10/core/DeviceType.h>
 
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <optional>
@@ -44,13 +45,14 @@ void check_masked_sgd_args(at::TensorList params, at::TensorList grads,
 // device): params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad) contiguous,
 // of one dtype and size per param; state_steps float32 tensors of one element on the
 // params' device; every tensor the step writes distinct; grads and masks of any strides;
-// beta1 and beta2 in [0, 1), truncation in [0, 1].
-void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
+// beta1 and beta2 in [0, 1), truncation in [0, 1], truncate "update" or "gradient".
+// Returns whether the step truncates the raw gradient (truncate == "gradient").
+bool check_masked_adamw_args(at::TensorList params, at::TensorList grads,
                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                              at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                              const c10::List<std::optional<at::Tensor>>& masks, double beta1,
                              double beta2, double truncation, bool amsgrad,
-                             c10::DeviceType device_type);
+                             c10::string_view truncate, c10::DeviceType device_type);
 
 // lr_tensor / grad_scale / found_inf of the op `op` ("worm_fast.masked_sgd_step_"): one
 // element, on the parameters' device or the CPU.
@@ -87,9 +89,9 @@ void masked_adamw_step_sparse(at::TensorList params, at::TensorList grads,
                               double beta1, double beta2, double, double, bool amsgrad, bool,
                               double truncation, const std::optional<at::Tensor>&,
                               const std::optional<at::Tensor>&,
-                              const std::optional<at::Tensor>&) {
+                              const std::optional<at::Tensor>&, c10::string_view truncate) {
   check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          masks, beta1, beta2, truncation, amsgrad, kDevice);
+                          masks, beta1, beta2, truncation, amsgrad, truncate, kDevice);
   TORCH_CHECK(false, "worm_fast.masked_adamw_step_: sparse tensors are not supported");
 }
 

@@ -54,6 +54,7 @@ struct AdamConfig {
   double grad_scale;
   bool amsgrad;
   bool maximize;
+  bool truncate_gradient;  // truncation scales the raw gradient, not the Adam update
 };
 
 // One tensor of the AdamW step. max_exp_avg_sq is null unless amsgrad; mask is null when

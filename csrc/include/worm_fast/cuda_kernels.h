@@ -74,6 +74,7 @@ struct AdamStep {
   double grad_scale;
   bool amsgrad;
   bool maximize;
+  bool truncate_gradient;  // truncation scales the raw gradient, not the Adam update
   const void* lr_device;
   const void* grad_scale_device;
   const float* found_inf_device;

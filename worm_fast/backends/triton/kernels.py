@@ -244,14 +244,16 @@ def _masked_adamw_step_kernel(
     truncation_bits: tl.int64,
     HAS_WEIGHT_DECAY: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    TRUNCATE_GRADIENT: tl.constexpr,  # truncate the raw gradient, not the Adam update
     BLOCK: tl.constexpr,
 ):
-    """One AdamW step over ``BLOCK`` elements of one tensor, the Adam update truncated.
+    """One AdamW step over ``BLOCK`` elements of one tensor, truncated.
 
-    t = step + 1;  g = grad / grad_scale;  g = -g if maximize;  p *= 1 - lr * wd
+    t = step + 1;  g = grad / grad_scale;  g *= kept ? 1 : truncation (TRUNCATE_GRADIENT)
+    g = -g if maximize;  p *= 1 - lr * wd
     m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g^2;  v_max = max(v_max, v)
-    u = m / (sqrt(v or v_max) / sqrt(1 - beta2^t) + eps) * (kept ? 1 : truncation)
-    p -= lr / (1 - beta1^t) * u
+    u = m / (sqrt(v or v_max) / sqrt(1 - beta2^t) + eps)
+    u *= kept ? 1 : truncation (not TRUNCATE_GRADIENT);  p -= lr / (1 - beta1^t) * u
 
     Every program reads the old count from the snapshot ``old_steps`` and program 0
     writes t to ``step``: reading ``step`` itself would race with that write, since
@@ -282,6 +284,11 @@ def _masked_adamw_step_kernel(
     g = _to_acc(tl.load(grad_ptr + index, mask=inside), param_ptr)
     if grad_scale_ptr is not None:
         g = g / _to_acc(tl.load(grad_scale_ptr), param_ptr)
+    truncation = _from_bits(truncation_bits, param_ptr)
+    if mask_ptr is not None:  # noqa: SIM102  (compile-time conditions, one at a time)
+        if TRUNCATE_GRADIENT:
+            kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
+            g = tl.where(kept, g, g * truncation)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
@@ -300,9 +307,10 @@ def _masked_adamw_step_kernel(
         v = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)  # NaN wins, as in torch
         tl.store(max_exp_avg_sq_ptr + index, _to_storage(v, max_exp_avg_sq_ptr), mask=inside)
     update = m / (_sqrt(v) / bias_correction2_sqrt + _from_bits(eps_bits, param_ptr))
-    if mask_ptr is not None:
-        kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
-        update = tl.where(kept, update, update * _from_bits(truncation_bits, param_ptr))
+    if mask_ptr is not None:  # noqa: SIM102  (compile-time conditions, one at a time)
+        if not TRUNCATE_GRADIENT:
+            kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
+            update = tl.where(kept, update, update * truncation)
     p = p - lr / bias_correction1 * update
     tl.store(param_ptr + index, _to_storage(p, param_ptr), mask=inside)
 

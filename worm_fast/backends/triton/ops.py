@@ -184,6 +184,7 @@ def masked_adamw_step_(
     amsgrad: bool,
     maximize: bool,
     truncation: float,
+    truncate: str = "update",
 ) -> None:
     """``reference.masked_adamw_step_``, one kernel launch per tensor.
 
@@ -195,7 +196,7 @@ def masked_adamw_step_(
     """
     _checks.check_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
-        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation,
+        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation, truncate=truncate,
         scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
     )  # fmt: skip
     if not params:
@@ -220,7 +221,10 @@ def masked_adamw_step_(
         eps_bits=_double_bits(eps),
         truncation_bits=_double_bits(truncation),
     )
-    flags = dict(HAS_WEIGHT_DECAY=weight_decay != 0, MAXIMIZE=maximize, BLOCK=ADAMW_BLOCK)
+    flags = dict(
+        HAS_WEIGHT_DECAY=weight_decay != 0, MAXIMIZE=maximize,
+        TRUNCATE_GRADIENT=truncate == "gradient", BLOCK=ADAMW_BLOCK,
+    )  # fmt: skip
     for i, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, mask, step, numel) in enumerate(
         launches
     ):
@@ -362,10 +366,10 @@ def _(params, grads, momentum_buffers, masks, lr_tensor=None, grad_scale=None, f
 @masked_adamw_step_.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
       lr_tensor=None, grad_scale=None, found_inf=None, *, beta1, beta2, amsgrad, truncation,
-      **other):  # fmt: skip
+      truncate="update", **other):  # fmt: skip
     _checks.check_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
-        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation,
+        beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation, truncate=truncate,
         scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
         fake=True,
     )  # fmt: skip
