@@ -1,15 +1,16 @@
 """Early-Bird masks: threshold selection, packing, and the sliding window of distances.
 
-Everything stays on the parameters' device: the threshold is a 0-d device tensor, masks
-are packed there (DESIGN §3.1), and the window returns distances as device tensors, so
-the only host round trip is the caller's once-per-check stop decision.
+Everything stays on the parameters' device: the threshold is selected there from counts
+(``radix_select``, exact, in the parameters' dtype), masks are packed there (DESIGN §3.1),
+and the window returns distances as device tensors, so the host reads only the
+selection's NaN count (to refuse NaN) and the caller's once-per-check stop decision.
 """
 
 from collections.abc import Sequence
 
 import torch
 
-from worm_fast import ops
+from worm_fast import ops, radix_select
 
 SCOPES = ("global", "per_tensor")
 
@@ -19,15 +20,17 @@ def check_prune_ratio(prune_ratio: float) -> None:
         raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
 
 
-def global_threshold(tensors: Sequence[torch.Tensor], prune_ratio: float) -> torch.Tensor:
+def global_threshold(
+    tensors: Sequence[torch.Tensor], prune_ratio: float, *, backend: str | None = None
+) -> torch.Tensor:
     """The value at position ``int(total * prune_ratio)`` of the sorted ``|w|`` of all
-    ``tensors`` together (the original Early-Bird rule), as a 0-d tensor on their device."""
+    ``tensors`` together (the original Early-Bird rule), exactly, as a 0-d tensor in their
+    dtype on their device. Raises ``ValueError`` on NaN (see ``radix_select``)."""
     check_prune_ratio(prune_ratio)
-    magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
-    if magnitudes.numel() == 0:
+    total = sum(t.numel() for t in tensors)
+    if total == 0:
         raise ValueError("cannot compute a threshold over zero elements")
-    position = int(magnitudes.numel() * prune_ratio)
-    return magnitudes.kthvalue(position + 1).values
+    return radix_select.kth_magnitudes(tensors, [int(total * prune_ratio)], backend=backend)[0]
 
 
 def compute_masks(
@@ -41,12 +44,17 @@ def compute_masks(
     all of them (``scope="global"``) or one per tensor (``"per_tensor"``)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    tensors = [t.detach() for t in tensors]
     if scope == "global":
-        threshold = global_threshold(tensors, prune_ratio)
-        return [ops.pack_mask(t.detach(), threshold, backend=backend) for t in tensors]
+        threshold = global_threshold(tensors, prune_ratio, backend=backend)
+        return [ops.pack_mask(t, threshold, backend=backend) for t in tensors]
+    check_prune_ratio(prune_ratio)
+    if any(t.numel() == 0 for t in tensors):
+        raise ValueError("cannot compute a threshold over zero elements")
+    positions = [int(t.numel() * prune_ratio) for t in tensors]
+    thresholds = radix_select.kth_magnitudes(tensors, positions, per_tensor=True, backend=backend)
     return [
-        ops.pack_mask(t.detach(), global_threshold([t], prune_ratio), backend=backend)
-        for t in tensors
+        ops.pack_mask(t, threshold, backend=backend) for t, threshold in zip(tensors, thresholds)
     ]
 
 

@@ -16,6 +16,7 @@ packed_nbytes = _ops.packed_nbytes
 
 __all__ = [
     "hamming_window",
+    "magnitude_histogram",
     "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",
@@ -69,6 +70,57 @@ def hamming_window(
     if current.device != window.device:
         raise ValueError(f"hamming_window: current on {current.device}, window on {window.device}")
     return resolve(backend, window.device).hamming_window(current.contiguous(), window.contiguous())
+
+
+def magnitude_histogram(
+    tensors: Sequence[torch.Tensor],
+    lo: torch.Tensor,
+    shift: int,
+    bits: int,
+    *,
+    stride: int = 1,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Counts (int64 [rows, 2**bits + 2]) of the magnitude keys of ``tensors`` in the
+    window of keys [lo, lo + 2**(shift + bits)): by digit ``(key - lo) >> shift``, then
+    the keys below ``lo``, then the NaNs. ``lo`` is int64 [1] (one row for all tensors)
+    or [len(tensors)] (a row per tensor), each in [0, 2**key_bits); ``stride`` > 1 counts
+    only every stride-th block of 64 elements of each tensor. The exact contract is in
+    ``worm_fast._ops``; ``worm_fast.radix_select`` selects exact magnitudes with it.
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("magnitude_histogram: expected at least one tensor")
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in _ops.MAGNITUDE_KEYS:
+        raise TypeError(
+            f"magnitude_histogram: tensors must be float32, float64, float16 or bfloat16, "
+            f"got {dtype}"
+        )
+    for i, tensor in enumerate(tensors):
+        if tensor.dtype != dtype or tensor.device != device:
+            raise ValueError(
+                f"magnitude_histogram: tensors[{i}] is {tensor.dtype} on {tensor.device}, "
+                f"tensors[0] is {dtype} on {device} (one dtype and device per call)"
+            )
+    if lo.dtype != torch.int64 or lo.dim() != 1 or lo.numel() not in (1, len(tensors)):
+        raise ValueError(
+            f"magnitude_histogram: lo must be int64 of shape [1] or [{len(tensors)}], got "
+            f"{lo.dtype}{tuple(lo.shape)}"
+        )
+    if lo.device != device:
+        raise ValueError(f"magnitude_histogram: lo is on {lo.device}, tensors on {device}")
+    key_bits = _ops.MAGNITUDE_KEYS[dtype].bits
+    if not (1 <= bits <= _ops.MAX_HISTOGRAM_BITS and shift >= 0 and shift + bits <= key_bits):
+        raise ValueError(
+            f"magnitude_histogram: need 1 <= bits <= {_ops.MAX_HISTOGRAM_BITS}, shift >= 0 "
+            f"and shift + bits <= {key_bits} (the key bits of {dtype}), got shift={shift}, "
+            f"bits={bits}"
+        )
+    if stride < 1:
+        raise ValueError(f"magnitude_histogram: stride must be >= 1, got {stride}")
+    kernel = resolve(backend, device).magnitude_histogram
+    return kernel([t.contiguous() for t in tensors], lo, shift, bits, stride)
 
 
 def masked_sgd_step_(

@@ -23,12 +23,19 @@ import pytest
 import torch
 
 from tests.utils import ODD_SIZES, TOLERANCES, assert_close
-from worm_fast._ops import packed_nbytes
+from worm_fast._ops import MAGNITUDE_KEYS, packed_nbytes
 from worm_fast.backends import cpp, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-OPS = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_")
+OPS = (
+    "pack_mask",
+    "unpack_mask",
+    "hamming_window",
+    "magnitude_histogram",
+    "masked_sgd_step_",
+    "masked_adamw_step_",
+)
 
 HYPERPARAMETERS = [
     dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
@@ -806,6 +813,7 @@ def _opcheck_cases():
         "pack_mask": ((values, torch.tensor(0.5)), {}),
         "unpack_mask": ((packed, 210), {}),
         "hamming_window": ((packed, window), {}),
+        "magnitude_histogram": (([values, params[1]], torch.tensor([0, 7]), 19, 12, 2), {}),
         "masked_sgd_step_": ((params, grads, bufs, masks), sgd_kwargs),
         "masked_adamw_step_": (adamw_args, adamw_kwargs),
     }
@@ -850,6 +858,21 @@ def _check_against_reference_quickly():
                 _assert_adamw_matches_reference(
                     case, masks, f"{dtype} {density} {hp}", **_adamw_kwargs(hp)
                 )
+        # The histogram's vector loop (AVX-512, 32-bit keys) and its generic one (the other
+        # instruction sets, and 64-bit keys): a full pass, a narrow window, a sample.
+        values = [_randn(4097, dtype=dtype, seed=2), _randn(65, dtype=dtype, seed=3)]
+        values[0][::5] = float("nan")
+        key = MAGNITUDE_KEYS[dtype]
+        start = int(torch.tensor(0.5, dtype=dtype).view(key.storage))
+        for lo, shift, bits, stride in (
+            (torch.tensor([0]), key.bits - 12, 12, 1),
+            (torch.tensor([start - 900, start]), 0, 14, 1),
+            (torch.tensor([0]), key.bits - 10, 10, 3),
+        ):
+            assert torch.equal(
+                torch.ops.worm_fast.magnitude_histogram(values, lo, shift, bits, stride),
+                reference.magnitude_histogram(values, lo, shift, bits, stride),
+            ), (dtype, shift, bits)
     packed = _random_bytes(packed_nbytes(4097), seed=3)
     assert torch.equal(
         torch.ops.worm_fast.unpack_mask(packed, 4097), reference.unpack_mask(packed, 4097)

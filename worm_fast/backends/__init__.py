@@ -1,7 +1,8 @@
 """Kernel backends and how one is chosen.
 
-Every backend exposes the same four functions (``pack_mask``, ``unpack_mask``,
-``hamming_window``, ``masked_sgd_step_``) with the signatures of ``worm_fast._ops``.
+Every backend exposes the same functions (``pack_mask``, ``unpack_mask``,
+``hamming_window``, ``magnitude_histogram``, ``masked_sgd_step_``,
+``masked_adamw_step_``) with the signatures of ``worm_fast._ops``.
 ``auto`` picks the fastest one for the tensors' device: CPU → ``cpp``, CUDA → ``cuda``
 then ``triton``, anything else → ``reference``. ``WORM_FAST_BACKEND`` or a ``backend=``
 argument forces one.

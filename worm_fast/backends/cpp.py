@@ -15,7 +15,14 @@ try:
 except ImportError as error:  # the package still works on the reference backend
     LOAD_ERROR = f"worm_fast._C is not built ({error}); build it with `pip install -e .`"
 
-_OPS = ("pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_")
+_OPS = (
+    "pack_mask",
+    "unpack_mask",
+    "hamming_window",
+    "magnitude_histogram",
+    "masked_sgd_step_",
+    "masked_adamw_step_",
+)
 
 
 def missing_kernels(dispatch_key: str) -> list[str]:
@@ -43,5 +50,6 @@ def status() -> BackendStatus:
 pack_mask = torch.ops.worm_fast.pack_mask
 unpack_mask = torch.ops.worm_fast.unpack_mask
 hamming_window = torch.ops.worm_fast.hamming_window
+magnitude_histogram = torch.ops.worm_fast.magnitude_histogram
 masked_sgd_step_ = torch.ops.worm_fast.masked_sgd_step_
 masked_adamw_step_ = torch.ops.worm_fast.masked_adamw_step_

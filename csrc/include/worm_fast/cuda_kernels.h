@@ -100,4 +100,11 @@ void launch_unpack_mask(const uint8_t* packed, bool* out, int64_t numel, cudaStr
 void launch_hamming_window(const uint8_t* current, const uint8_t* window, int64_t rows,
                            int64_t nbytes, int64_t* out, cudaStream_t stream);
 
+// magnitude_histogram over one contiguous tensor of `numel` values into `counts` (its row:
+// 2^bits digits, the keys below the window, the NaNs; int64, zeroed first), the window
+// start read from the device (`lo`, one int64).
+void launch_magnitude_histogram(ScalarKind kind, const void* values, int64_t numel,
+                                const int64_t* lo, int shift, int bits, int64_t stride,
+                                int64_t* counts, cudaStream_t stream);
+
 }  // namespace worm_fast::cuda

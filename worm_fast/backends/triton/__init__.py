@@ -19,6 +19,7 @@ except ImportError as error:  # no triton: the other backends still work
 
 __all__ = [
     "hamming_window",
+    "magnitude_histogram",
     "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",
@@ -52,6 +53,13 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
 def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     _require()
     return torch.ops.worm_fast.triton_hamming_window(current, window)
+
+
+def magnitude_histogram(
+    tensors: list[torch.Tensor], lo: torch.Tensor, shift: int, bits: int, stride: int = 1
+) -> torch.Tensor:
+    _require()
+    return torch.ops.worm_fast.triton_magnitude_histogram(tensors, lo, shift, bits, stride)
 
 
 def masked_sgd_step_(

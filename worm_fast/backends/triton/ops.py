@@ -22,10 +22,17 @@ import triton
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
-from worm_fast._ops import NAMESPACE, packed_nbytes
+from worm_fast._ops import (
+    MAGNITUDE_KEYS,
+    MAX_HISTOGRAM_BITS,
+    NAMESPACE,
+    SAMPLE_BLOCK,
+    packed_nbytes,
+)
 from worm_fast.backends.triton.kernels import (
     INTERPRETED,
     _hamming_window_kernel,
+    _magnitude_histogram_kernel,
     _masked_adamw_step_kernel,
     _masked_sgd_step_kernel,
     _pack_mask_kernel,
@@ -40,6 +47,7 @@ DEVICE_TYPES = ("cpu", "cuda") if INTERPRETED else ("cuda",)
 PACK_BLOCK_BYTES = 256  # 2048 elements
 UNPACK_BLOCK = 2048
 HAMMING_BLOCK_WORDS = 1024  # 64 Ki bits
+HISTOGRAM_BLOCKS = 32  # blocks of 64 elements: 2048 elements per program
 SGD_BLOCK = 1024
 ADAMW_BLOCK = 1024
 
@@ -101,6 +109,52 @@ def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
             window_words.stride(0),
             BLOCK=HAMMING_BLOCK_WORDS,
         )
+    return out
+
+
+@triton_op(f"{NAMESPACE}::triton_magnitude_histogram", mutates_args=())
+def magnitude_histogram(
+    tensors: list[torch.Tensor], lo: torch.Tensor, shift: int, bits: int, stride: int = 1
+) -> torch.Tensor:
+    """``reference.magnitude_histogram``, one kernel launch per tensor."""
+    if not tensors:
+        raise ValueError("expected at least one tensor")
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in MAGNITUDE_KEYS:
+        raise TypeError(f"tensors must be float32, float64, float16 or bfloat16, got {dtype}")
+    for i, tensor in enumerate(tensors):
+        _check_device(f"tensors[{i}]", tensor)
+        _check_same_device(f"tensors[{i}]", tensor, device)
+        if tensor.dtype != dtype:
+            raise TypeError(f"tensors[{i}] is {tensor.dtype}, tensors[0] is {dtype}")
+    _check_same_device("lo", lo, device)
+    if lo.dtype != torch.int64 or lo.numel() not in (1, len(tensors)):
+        raise ValueError(f"lo must be int64 with 1 or {len(tensors)} elements, got {lo.dtype}")
+    key = MAGNITUDE_KEYS[dtype]
+    if not (1 <= bits <= MAX_HISTOGRAM_BITS and shift >= 0 and shift + bits <= key.bits):
+        raise ValueError(f"bad window for {dtype} keys: shift={shift}, bits={bits}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    lo = lo.reshape(-1)
+    out = torch.zeros(lo.numel(), (1 << bits) + 2, dtype=torch.int64, device=device)
+    for i, tensor in enumerate(tensors):
+        row = i if lo.numel() > 1 else 0
+        values = tensor.reshape(-1).contiguous()
+        sampled_blocks = triton.cdiv(triton.cdiv(values.numel(), SAMPLE_BLOCK), stride)
+        if sampled_blocks:
+            wrap_triton(_magnitude_histogram_kernel)[
+                (triton.cdiv(sampled_blocks, HISTOGRAM_BLOCKS),)
+            ](
+                values,
+                lo[row:],
+                out[row],
+                values.numel(),
+                shift,
+                stride,
+                INF=key.inf,
+                BITS=bits,
+                BLOCKS=HISTOGRAM_BLOCKS,
+            )
     return out
 
 
@@ -321,6 +375,11 @@ def _(current, window):
     return window.new_empty(window.shape[0], dtype=torch.int64)
 
 
+@magnitude_histogram.register_fake
+def _(tensors, lo, shift, bits, stride=1):
+    return lo.new_empty(lo.numel(), (1 << bits) + 2, dtype=torch.int64)
+
+
 @masked_sgd_step_.register_fake
 def _(params, grads, momentum_buffers, masks, *optional_tensors, **hyperparameters):
     return None
@@ -337,7 +396,14 @@ def _opaque_when_interpreted(mode, op, types, args, kwargs):
 
 
 if INTERPRETED:
-    for _op in (pack_mask, unpack_mask, hamming_window, masked_sgd_step_, masked_adamw_step_):
+    for _op in (
+        pack_mask,
+        unpack_mask,
+        hamming_window,
+        magnitude_histogram,
+        masked_sgd_step_,
+        masked_adamw_step_,
+    ):
         _op.register_torch_dispatch(FunctionalTensorMode, _opaque_when_interpreted)
 
 
