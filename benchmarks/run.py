@@ -1,9 +1,9 @@
 """Run every benchmark: ``python -m benchmarks.run [--quick] [--out DIR] [--threads N]``.
 
 Measures, in one process: the STREAM roofline (CPU), one SGD step on each parameter set
-for WormSGD and torch SGD, and mask distances. Prints a table and the issue's targets
-(reported, never asserted: benchmarks are not tests) and writes ``results.json`` and
-``results.csv`` to ``--out``.
+for WormSGD and torch SGD, mask distances, and the threshold and a whole search check.
+Prints a table and the issue's targets (reported, never asserted: benchmarks are not
+tests) and writes ``results.json`` and ``results.csv`` to ``--out``.
 """
 
 import argparse
@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_adamw, bench_hamming, bench_sgd, param_sets, results, roofline
+from benchmarks import (
+    bench_adamw,
+    bench_hamming,
+    bench_sgd,
+    bench_threshold,
+    param_sets,
+    results,
+    roofline,
+)
 from benchmarks.timing import Timing, cache_flusher, last_level_cache_bytes
 from worm_fast import backends
 
@@ -307,8 +315,10 @@ def main(argv: list[str] | None = None) -> None:
             )
     print("mask distances ...", flush=True)
     bench_masks(rec, config.hamming_bits, device, config, flush)
+    print("threshold and check ...", flush=True)
+    threshold_targets = bench_threshold.record(rec, device, config, flush, args.quick)
 
-    found = targets(rec, device)
+    found = targets(rec, device) + threshold_targets
     print(results.table(rec.rows))
     print("\ntargets (reported, not asserted):")
     for t in found:
