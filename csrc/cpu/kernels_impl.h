@@ -682,6 +682,21 @@ void adamw_range(const AdamTensor& t, const AdamConfig& c, int64_t begin, int64_
 
 template <class Io>
 WF_INLINE uint64_t pack_full_word(const typename Io::S* __restrict v, typename Io::T thr) {
+#if WF_HAVE_AVX512
+  // fp32 storage (FloatIo): compares straight into lane masks, where the loops below
+  // vectorize into per-lane shifts and an OR reduction, slower than a read of the values.
+  if constexpr (sizeof(typename Io::S) == 4) {
+    const __m512 threshold = _mm512_set1_ps(thr);
+    uint64_t word = 0;
+    for (int q = 0; q < 4; ++q) {
+      const __m512 magnitude = _mm512_abs_ps(_mm512_loadu_ps(v + 16 * q));
+      // Ordered: NaN > thr is false, as in the loops below.
+      word |= static_cast<uint64_t>(_mm512_cmp_ps_mask(magnitude, threshold, _CMP_GT_OQ))
+              << (16 * q);
+    }
+    return word;
+  }
+#endif
   if constexpr (sizeof(typename Io::T) == 8) {
     uint64_t word = 0;
     for (int k = 0; k < 64; ++k) {
