@@ -18,8 +18,21 @@ counts on the host, free on the CPU; elsewhere (CUDA) only the plain passes run,
 one host round trip is the NaN check at the end.
 
 Counts add up, over the tensors of one call and over processes: a sharded selection
-passes ``select_keys`` a ``histogram`` that all-reduces each pass's counts, and every
-rank gets the key of the whole.
+passes ``select_keys`` a ``histogram`` that all-reduces each pass's counts (with the
+global positions and element counts), and every rank gets the key of the whole, the
+same bits as one process; only the number of passes can differ (the sample's blocks
+start at each shard)::
+
+    def histogram(lo, shift, bits, stride):
+        counts = ops.magnitude_histogram(local_shards, lo, shift, bits, stride=stride)
+        torch.distributed.all_reduce(counts)  # one collective per pass
+        return counts
+
+    keys, nans = select_keys(histogram, MAGNITUDE_KEYS[dtype].bits, positions, totals,
+                             bits_per_pass=pass_bits(device, rows),
+                             guess=guess_pays(device, totals))
+    refuse_nans(nans, per_tensor)
+    thresholds = key_values(keys, dtype)
 """
 
 from collections.abc import Callable, Sequence
@@ -29,7 +42,15 @@ import torch
 from worm_fast import ops
 from worm_fast._ops import MAGNITUDE_KEYS, MAX_HISTOGRAM_BITS
 
-__all__ = ["Histogram", "key_values", "kth_magnitudes", "pass_bits", "select_keys"]
+__all__ = [
+    "Histogram",
+    "guess_pays",
+    "key_values",
+    "kth_magnitudes",
+    "pass_bits",
+    "refuse_nans",
+    "select_keys",
+]
 
 # (lo, shift, bits, stride) -> int64 counts [rows, 2**bits + 2], as ops.magnitude_histogram.
 Histogram = Callable[[torch.Tensor, int, int, int], torch.Tensor]
@@ -126,6 +147,28 @@ def _guess_window(
     return first_digit << shift, window_bits - bits, bits
 
 
+def guess_pays(device: torch.device, totals: Sequence[int]) -> bool:
+    """Whether ``select_keys`` should guess a window first: on the CPU, for every row of
+    at least GUESS_MIN_ELEMENTS elements."""
+    return device.type == "cpu" and min(totals) >= GUESS_MIN_ELEMENTS
+
+
+def refuse_nans(nans: torch.Tensor, per_tensor: bool) -> None:
+    """Raises ``ValueError`` naming the NaNs ``select_keys`` counted, if any (one host
+    read): magnitudes with a NaN have no order, so no threshold over them is meaningful."""
+    if not bool(nans.any()):
+        return
+    found = nans.tolist()
+    if per_tensor:
+        where = ", ".join(f"tensors[{i}]: {n}" for i, n in enumerate(found) if n)
+    else:
+        where = str(found[0])
+    raise ValueError(
+        f"kth_magnitudes: NaN values found ({where}); magnitudes with a NaN have no order, "
+        "so there is no threshold over them"
+    )
+
+
 def key_values(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The floats of ``dtype`` whose magnitude keys are ``keys`` (int64): non-negative."""
     storage = MAGNITUDE_KEYS[dtype].storage
@@ -178,7 +221,7 @@ def kth_magnitudes(
     key = MAGNITUDE_KEYS[dtype]
     rows = len(totals)
     if guess is None:
-        guess = device.type == "cpu" and min(totals) >= GUESS_MIN_ELEMENTS
+        guess = guess_pays(device, totals)
 
     def histogram(lo: torch.Tensor, shift: int, bits: int, stride: int) -> torch.Tensor:
         return ops.magnitude_histogram(tensors, lo, shift, bits, stride=stride, backend=backend)
@@ -192,15 +235,5 @@ def kth_magnitudes(
         bits_per_pass=pass_bits(device, rows),
         guess=guess,
     )
-    if bool(nans.any()):  # the host round trip of the selection
-        found = nans.tolist()
-        where = (
-            ", ".join(f"tensors[{i}]: {n}" for i, n in enumerate(found) if n)
-            if per_tensor
-            else str(found[0])
-        )
-        raise ValueError(
-            f"kth_magnitudes: NaN values found ({where}); magnitudes with a NaN have no "
-            "order, so there is no threshold over them"
-        )
+    refuse_nans(nans, per_tensor)
     return key_values(keys, dtype)
