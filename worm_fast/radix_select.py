@@ -93,10 +93,10 @@ def select_keys(
     if guess and key_bits > MAX_HISTOGRAM_BITS:
         start, shift, bits = _guess_window(histogram, key_bits, positions, totals)
         counts = histogram(start, shift, bits, 1)
-        nans = counts[:, -1]
-        below, inside = counts[:, -2], counts[:, :-2]
-        if bool(((below <= k) & (k < below + inside.sum(1))).all()):
-            lo, k = _narrow(start, k - below, inside, shift)
+        nans, below = counts[:, -1], counts[:, -2]
+        cumulative = counts[:, :-2].cumsum(1)
+        if bool(((below <= k) & (k < below + cumulative[:, -1])).all()):
+            lo, k = _narrow(start, k - below, cumulative, shift)
             span = shift
     while span > 0:
         bits = min(span, bits_per_pass)
@@ -104,19 +104,19 @@ def select_keys(
         counts = histogram(lo, shift, bits, 1)
         if nans is None:
             nans = counts[:, -1]
-        lo, k = _narrow(lo, k, counts[:, :-2], shift)
+        lo, k = _narrow(lo, k, counts[:, :-2].cumsum(1), shift)
         span = shift
     return lo, nans
 
 
 def _narrow(
-    lo: torch.Tensor, k: torch.Tensor, counts: torch.Tensor, shift: int
+    lo: torch.Tensor, k: torch.Tensor, cumulative: torch.Tensor, shift: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The digit window that holds position ``k`` of each row, and ``k`` within it."""
-    cumulative = counts.cumsum(1)
+    """The digit window that holds position ``k`` of each row, and ``k`` within it, from
+    the cumulative counts of the digits of the window ``lo``."""
     digit = torch.searchsorted(cumulative, k.unsqueeze(1), right=True).squeeze(1)
     # Only NaNs (excluded from the digits, then refused) can push k past the last digit.
-    digit = digit.clamp_max(counts.shape[1] - 1)
+    digit = digit.clamp_max(cumulative.shape[1] - 1)
     before = cumulative.gather(1, (digit - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
     return lo + (digit << shift), k - torch.where(digit > 0, before, 0)
 
