@@ -88,17 +88,23 @@ class MaskWindow:
 
     def push(self, packed: Sequence[torch.Tensor] | torch.Tensor) -> None:
         """Add the newest mask: one packed row, or the packed masks of several tensors."""
-        row = packed if isinstance(packed, torch.Tensor) else torch.cat(list(packed))
+        parts = [packed] if isinstance(packed, torch.Tensor) else list(packed)
+        nbytes = sum(part.numel() for part in parts)
         if self._nbytes is None:
-            self._nbytes = row.numel()
-            self.rows = torch.zeros(self.length, row.numel(), dtype=torch.uint8, device=row.device)
-        if row.dtype != torch.uint8 or row.shape != (self._nbytes,):
-            raise ValueError(
-                f"MaskWindow.push: expected {self._nbytes} packed uint8 bytes, got "
-                f"{row.dtype} of shape {tuple(row.shape)}"
-            )
+            self._nbytes = nbytes
+            self.rows = torch.zeros(self.length, nbytes, dtype=torch.uint8, device=parts[0].device)
+        for part in parts:
+            if part.dtype != torch.uint8 or part.dim() != 1 or nbytes != self._nbytes:
+                shape = (nbytes,) if part.dim() == 1 else tuple(part.shape)
+                raise ValueError(
+                    f"MaskWindow.push: expected {self._nbytes} packed uint8 bytes, got "
+                    f"{part.dtype} of shape {shape}"
+                )
+        # Concatenated straight into the slot of the newest mask: no row made and copied.
+        torch.cat(
+            [part.to(self.rows.device) for part in parts], out=self.rows[self.count % self.length]
+        )
         self.count += 1
-        self.rows[self.newest] = row
 
     def distances(self) -> torch.Tensor:
         """Normalized Hamming distances between the newest mask and each older one in the
