@@ -17,7 +17,7 @@ KEY = ("benchmark", "provider", "param_set", "device", "threads")
 
 @dataclasses.dataclass
 class Row:
-    benchmark: str  # stream | sgd_step | adamw_step | hamming_window | penalty
+    benchmark: str  # stream | sgd_step | adamw_step | hamming_window | penalty | threshold | check
     provider: str
     param_set: str
     device: str
@@ -34,6 +34,7 @@ class Row:
     vs_mask_mul: float | None = None
     vs_bool_ne_sum: float | None = None
     fraction_of_step: float | None = None  # this row's time / the training step's
+    vs_kthvalue: float | None = None  # the threshold, or check, with torch.cat + kthvalue
     note: str = ""
     cpu: str = ""
     threads: int = 0
@@ -100,7 +101,7 @@ def table(rows: list[Row]) -> str:
     """A fixed-width table, one block per benchmark and parameter set."""
     header = (
         f"{'provider':<36}{'median ms':>11}{'p20-p80 ms':>17}{'GB/s':>8}{'roofline':>10}"
-        f"{'vs fused':>10}{'vs mask*':>10}{'vs bool':>9}"
+        f"{'vs fused':>10}{'vs mask*':>10}{'vs bool':>9}{'vs kth':>9}"
     )
     lines = []
     block = None
@@ -113,5 +114,6 @@ def table(rows: list[Row]) -> str:
             f"{row.provider:<36}{row.median_ms:>11.3f}{spread:>17}{row.gbps:>8.1f}"
             f"{_fmt(row.roofline_fraction, '.0%'):>10}{_fmt(row.vs_fused, '.2f'):>10}"
             f"{_fmt(row.vs_mask_mul, '.2f'):>10}{_fmt(row.vs_bool_ne_sum, '.0f'):>9}"
+            f"{_fmt(row.vs_kthvalue, '.1f'):>9}"
         )
     return "\n".join(lines)

@@ -3,9 +3,9 @@
 Measures, in one process: the STREAM roofline (CPU kernels, or torch's copy, triad and
 dot on a GPU), one SGD and one AdamW step on each parameter set for worm_fast's
 optimizers and torch's (``step_harness`` with the providers of ``bench_sgd`` and
-``bench_adamw``), mask distances, and WORM-gradient's penalty per training step. Prints
-a table and the issue's targets (reported, never asserted: benchmarks are not tests)
-and writes ``results.json`` and
+``bench_adamw``), mask distances, the threshold and a whole search check, and
+WORM-gradient's penalty per training step. Prints a table and the issue's targets
+(reported, never asserted: benchmarks are not tests) and writes ``results.json`` and
 ``results.csv`` to ``--out``.
 """
 
@@ -23,6 +23,7 @@ from benchmarks import (
     bench_hamming,
     bench_penalty,
     bench_sgd,
+    bench_threshold,
     param_sets,
     results,
     roofline,
@@ -327,10 +328,12 @@ def main(argv: list[str] | None = None) -> None:
             bench_step(rec, bench, name, shapes, device, config, stream, best, flush)
     print("mask distances ...", flush=True)
     bench_masks(rec, config.hamming_bits, device, config, flush)
+    print("threshold and check ...", flush=True)
+    threshold_targets = bench_threshold.record(rec, device, config, flush, args.quick)
     print("WORM-gradient penalty vs a training step ...", flush=True)
     bench_penalty.record(rec, device, config, args.quick)
 
-    found = targets(rec, device)
+    found = targets(rec, device) + threshold_targets
     print(results.table(rec.rows))
     print("\ntargets (reported, not asserted):")
     for t in found:

@@ -296,6 +296,48 @@ void check_soft_mask_distance_args(at::TensorList values, const at::Tensor& wind
   }
 }
 
+int64_t magnitude_key_bits(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return 31;
+    case at::kDouble:
+      return 63;
+    case at::kHalf:
+    case at::kBFloat16:
+      return 15;
+    default:
+      TORCH_CHECK(false, "worm_fast.magnitude_histogram: tensors must be float32, float64, ",
+                  "float16 or bfloat16, got ", dtype);
+  }
+}
+
+void check_magnitude_histogram_args(at::TensorList tensors, const at::Tensor& lo, int64_t shift,
+                                    int64_t bits, int64_t stride, c10::DeviceType device_type) {
+  constexpr const char* op = "worm_fast.magnitude_histogram: ";
+  TORCH_CHECK(!tensors.empty(), op, "expected at least one tensor");
+  const at::Tensor& first = tensors[0];
+  const int64_t key_bits = magnitude_key_bits(first.scalar_type());
+  TORCH_CHECK(first.device().type() == device_type, op, "tensors[0] is on ", first.device());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.layout() == at::kStrided, op, "tensors[", i, "] must be a strided tensor");
+    TORCH_CHECK(t.scalar_type() == first.scalar_type() && t.device() == first.device(), op,
+                "tensors[", i, "] is ", t.scalar_type(), " on ", t.device(), ", tensors[0] is ",
+                first.scalar_type(), " on ", first.device(), " (one dtype and device per call)");
+  }
+  TORCH_CHECK(lo.scalar_type() == at::kLong && lo.dim() == 1 &&
+                  (lo.numel() == 1 || lo.numel() == static_cast<int64_t>(tensors.size())),
+              op, "lo must be int64 of shape [1] or [", tensors.size(), "], got ",
+              lo.scalar_type(), " of shape ", lo.sizes());
+  TORCH_CHECK(lo.device() == first.device(), op, "lo is on ", lo.device(), ", tensors on ",
+              first.device());
+  TORCH_CHECK(bits >= 1 && bits <= kMaxHistogramBits && shift >= 0 && shift + bits <= key_bits,
+              op, "need 1 <= bits <= ", kMaxHistogramBits, ", shift >= 0 and shift + bits <= ",
+              key_bits, " (the key bits of ", first.scalar_type(), "), got shift=", shift,
+              ", bits=", bits);
+  TORCH_CHECK(stride >= 1, op, "stride must be >= 1, got ", stride);
+}
+
 const void* contiguous_data(const at::Tensor& t, std::vector<at::Tensor>& keep_alive) {
   if (t.is_contiguous()) {
     return t.const_data_ptr();

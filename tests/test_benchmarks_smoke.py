@@ -18,11 +18,16 @@ def test_quick_run_writes_json_and_upserts_csv(tmp_path):
     assert {"cpu", "cores", "threads", "torch", "date"} <= payload["machine"].keys()
     rows = payload["rows"]
     benchmarks = {row["benchmark"] for row in rows}
-    assert benchmarks == {"stream", "sgd_step", "adamw_step", "hamming_window", "penalty"}
+    assert benchmarks == {
+        "stream", "sgd_step", "adamw_step", "hamming_window", "threshold", "check", "penalty"
+    }  # fmt: skip
     providers = {row["provider"] for row in rows if row["benchmark"] == "sgd_step"}
     assert {"torch_sgd_fused", "torch_sgd_foreach+foreach_mul", "worm_sgd_cpp+trunc"} <= providers
     providers = {row["provider"] for row in rows if row["benchmark"] == "adamw_step"}
     assert {"torch_adamw_fused", "worm_adamw_cpp+trunc"} <= providers
+    providers = {row["provider"] for row in rows if row["benchmark"] == "check"}
+    assert providers == {"check_kthvalue", "check_radix_select", "torch_sum_read"}
+    assert {t["target"] for t in payload["targets"]} >= {"BERT-base Q/K check, ms (<= 30)"}
     assert all(row["median_ms"] > 0 and row["gbps"] > 0 for row in rows)
 
     # A second write of the same keys replaces those rows instead of appending.

@@ -43,6 +43,37 @@ def test_per_tensor_scope_thresholds_each_tensor():
         assert torch.equal(ops.unpack_mask(mask, 10), eb_mask([tensor], 0.5))
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("scope", ("global", "per_tensor"))
+def test_threshold_is_exact_in_the_parameters_dtype(dtype, scope):
+    generator = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(n, generator=generator).to(dtype) for n in (64, 7, 130)]
+    groups = [tensors] if scope == "global" else [[t] for t in tensors]
+    packed = compute_masks(tensors, 0.5, scope=scope)
+    got = [ops.unpack_mask(m, t.numel()) for m, t in zip(packed, tensors)]
+    for group in groups:
+        magnitudes = torch.cat([t.abs().reshape(-1) for t in group])
+        expected = magnitudes.kthvalue(int(magnitudes.numel() * 0.5) + 1).values
+        threshold = global_threshold(group, 0.5)
+        assert threshold.dtype == dtype and torch.equal(threshold, expected)
+    assert torch.equal(torch.cat(got), eb_mask(tensors, 0.5) if scope == "global" else
+                       torch.cat([eb_mask([t], 0.5) for t in tensors]))  # fmt: skip
+
+
+def test_float64_threshold_separates_values_float32_cannot():
+    # 1 + i * 2**-40 all round to 1.0 in float32: a float32 threshold would keep none.
+    values = 1.0 + torch.arange(10, dtype=torch.float64) * 2.0**-40
+    threshold = global_threshold([values], 0.5)
+    assert threshold.item() == values[5].item()
+    kept = ops.unpack_mask(compute_masks([values], 0.5)[0], 10)
+    assert kept.tolist() == [False] * 6 + [True] * 4
+
+
+def test_masks_refuse_nan():
+    with pytest.raises(ValueError, match="NaN values found"):
+        compute_masks([torch.tensor([1.0, float("nan"), 2.0])], 0.5)
+
+
 @pytest.mark.parametrize("bad", (-0.1, 1.0))
 def test_prune_ratio_out_of_range(bad):
     with pytest.raises(ValueError, match=r"prune_ratio must be in \[0, 1\)"):

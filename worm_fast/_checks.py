@@ -65,6 +65,46 @@ def check_hamming_window(current: torch.Tensor, window: torch.Tensor) -> None:
     check_same_device("current", current, window.device)
 
 
+def check_magnitude_histogram(
+    tensors: Sequence[torch.Tensor], lo: torch.Tensor, shift: int, bits: int, stride: int
+) -> None:
+    """``magnitude_histogram``: tensors of one float dtype and device, ``lo`` int64 [1] or
+    [len(tensors)] there, a window of 1..18 digit bits within the dtype's key bits."""
+    from worm_fast._ops import MAGNITUDE_KEYS, MAX_HISTOGRAM_BITS  # _ops imports this module
+
+    if not tensors:
+        raise ValueError("magnitude_histogram: expected at least one tensor")
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in MAGNITUDE_KEYS:
+        raise TypeError(
+            f"magnitude_histogram: tensors must be float32, float64, float16 or bfloat16, "
+            f"got {dtype}"
+        )
+    for i, tensor in enumerate(tensors):
+        if tensor.layout != torch.strided:
+            raise ValueError(f"magnitude_histogram: tensors[{i}] must be a strided tensor")
+        if tensor.dtype != dtype or tensor.device != device:
+            raise ValueError(
+                f"magnitude_histogram: tensors[{i}] is {tensor.dtype} on {tensor.device}, "
+                f"tensors[0] is {dtype} on {device} (one dtype and device per call)"
+            )
+    if lo.dtype != torch.int64 or lo.dim() != 1 or lo.numel() not in (1, len(tensors)):
+        raise ValueError(
+            f"magnitude_histogram: lo must be int64 of shape [1] or [{len(tensors)}], got "
+            f"{lo.dtype}{tuple(lo.shape)}"
+        )
+    check_same_device("lo", lo, device)
+    key_bits = MAGNITUDE_KEYS[dtype].bits
+    if not (1 <= bits <= MAX_HISTOGRAM_BITS and shift >= 0 and shift + bits <= key_bits):
+        raise ValueError(
+            f"magnitude_histogram: need 1 <= bits <= {MAX_HISTOGRAM_BITS}, shift >= 0 and "
+            f"shift + bits <= {key_bits} (the key bits of {dtype}), got shift={shift}, "
+            f"bits={bits}"
+        )
+    if stride < 1:
+        raise ValueError(f"magnitude_histogram: stride must be >= 1, got {stride}")
+
+
 def check_soft_mask_distance(
     values: Sequence[torch.Tensor],
     window: torch.Tensor,

@@ -11,12 +11,39 @@ Each op's argument contract is in ``worm_fast._checks``; the fake kernels check 
 since a meta tensor among real ones dispatches to them.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from worm_fast import _checks
 from worm_fast._checks import WORD_BITS, packed_nbytes  # noqa: F401  (re-exported)
 
 NAMESPACE = "worm_fast"
+
+
+@dataclass(frozen=True)
+class MagnitudeKey:
+    """How magnitude_histogram reads a float dtype: the bits of ``|x|`` (the sign bit
+    cleared) as an unsigned integer of ``bits`` bits, which orders like ``|x|``:
+    +0 = -0 < subnormals < normals < inf (key ``inf``) < NaN (every larger key)."""
+
+    bits: int
+    storage: torch.dtype  # the signed integer dtype of the same width, to view the data
+    inf: int
+
+
+MAGNITUDE_KEYS = {
+    torch.float32: MagnitudeKey(31, torch.int32, 0x7F80_0000),
+    torch.float64: MagnitudeKey(63, torch.int64, 0x7FF0_0000_0000_0000),
+    torch.float16: MagnitudeKey(15, torch.int16, 0x7C00),
+    torch.bfloat16: MagnitudeKey(15, torch.int16, 0x7F80),
+}
+
+# magnitude_histogram: the most digit bits one pass may count (2**18 + 2 int64 counts per
+# row), and the elements per block of its sampling stride.
+MAX_HISTOGRAM_BITS = 18
+SAMPLE_BLOCK = 64
+
 
 _SCHEMAS = {
     # kept = |values| > threshold; values flattened row-major; threshold a 0-d tensor.
@@ -25,6 +52,16 @@ _SCHEMAS = {
     "unpack_mask": "(Tensor packed, SymInt numel) -> Tensor",
     # Differing bits between `current` [nbytes] and each row of `window` [l, nbytes].
     "hamming_window": "(Tensor current, Tensor window) -> Tensor",
+    # Counts of the magnitude keys (the bits of |x| as an unsigned integer; they sort like
+    # |x|) of `tensors` (one float dtype), as int64 [rows, 2**bits + 2]: column d < 2**bits
+    # counts keys with lo[r] <= key and (key - lo[r]) >> shift == d (the window
+    # [lo, lo + 2**(shift + bits)) in 2**bits digits), column 2**bits the keys below lo[r],
+    # column 2**bits + 1 the NaNs. lo is int64 [1] (one row over all tensors) or
+    # [len(tensors)] (row i counts tensors[i]). With stride s > 1 only the elements of
+    # every s-th block of SAMPLE_BLOCK in each tensor count (a sample). See radix_select.
+    "magnitude_histogram": (
+        "(Tensor[] tensors, Tensor lo, int shift, int bits, int stride=1) -> Tensor"
+    ),
     # One fused SGD step over a list of tensors, in place on params and momentum
     # buffers. `masks` is empty or has one entry per param (None = no truncation).
     "masked_sgd_step_": (
@@ -84,6 +121,12 @@ def _unpack_mask_fake(packed, numel):
 def _hamming_window_fake(current, window):
     _checks.check_hamming_window(current, window)
     return window.new_empty(window.shape[0], dtype=torch.int64)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::magnitude_histogram")
+def _magnitude_histogram_fake(tensors, lo, shift, bits, stride=1):
+    _checks.check_magnitude_histogram(tensors, lo, shift, bits, stride)
+    return lo.new_empty(lo.shape[0], (1 << bits) + 2, dtype=torch.int64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")

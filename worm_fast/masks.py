@@ -1,15 +1,16 @@
 """Early-Bird masks: threshold selection, packing, and the sliding window of distances.
 
-Everything stays on the parameters' device: the threshold is a 0-d device tensor, masks
-are packed there (DESIGN §3.1), and the window returns distances as device tensors, so
-the only host round trip is the caller's once-per-check stop decision.
+Everything stays on the parameters' device: the threshold is selected there from counts
+(``radix_select``, exact, in the parameters' dtype), masks are packed there (DESIGN §3.1),
+and the window returns distances as device tensors, so the host reads only the
+selection's NaN count (to refuse NaN) and the caller's once-per-check stop decision.
 """
 
 from collections.abc import Sequence
 
 import torch
 
-from worm_fast import ops
+from worm_fast import ops, radix_select
 
 SCOPES = ("global", "per_tensor")
 # How elements whose magnitude equals the threshold are decided (compute_masks).
@@ -21,15 +22,17 @@ def check_prune_ratio(prune_ratio: float) -> None:
         raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
 
 
-def global_threshold(tensors: Sequence[torch.Tensor], prune_ratio: float) -> torch.Tensor:
+def global_threshold(
+    tensors: Sequence[torch.Tensor], prune_ratio: float, *, backend: str | None = None
+) -> torch.Tensor:
     """The value at position ``int(total * prune_ratio)`` of the sorted ``|w|`` of all
-    ``tensors`` together (the original Early-Bird rule), as a 0-d tensor on their device."""
+    ``tensors`` together (the original Early-Bird rule), exactly, as a 0-d tensor in their
+    dtype on their device. Raises ``ValueError`` on NaN (see ``radix_select``)."""
     check_prune_ratio(prune_ratio)
-    magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
-    if magnitudes.numel() == 0:
+    total = sum(t.numel() for t in tensors)
+    if total == 0:
         raise ValueError("cannot compute a threshold over zero elements")
-    position = int(magnitudes.numel() * prune_ratio)
-    return magnitudes.kthvalue(position + 1).values
+    return radix_select.kth_magnitudes(tensors, [int(total * prune_ratio)], backend=backend)[0]
 
 
 def compute_masks(
@@ -54,12 +57,23 @@ def compute_masks(
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
-    groups = [list(tensors)] if scope == "global" else [[t] for t in tensors]
+    tensors = [t.detach() for t in tensors]
+    if scope == "global":
+        groups = [tensors]
+        thresholds = [global_threshold(tensors, prune_ratio, backend=backend)]
+    else:
+        check_prune_ratio(prune_ratio)
+        if any(t.numel() == 0 for t in tensors):
+            raise ValueError("cannot compute a threshold over zero elements")
+        groups = [[t] for t in tensors]
+        positions = [int(t.numel() * prune_ratio) for t in tensors]
+        thresholds = radix_select.kth_magnitudes(
+            tensors, positions, per_tensor=True, backend=backend
+        )
     masks = []
-    for group in groups:
-        threshold = global_threshold(group, prune_ratio)
+    for group, threshold in zip(groups, thresholds):
         if ties == "early_bird":
-            masks += [ops.pack_mask(t.detach(), threshold, backend=backend) for t in group]
+            masks += [ops.pack_mask(t, threshold, backend=backend) for t in group]
         else:
             kept = _exact_count_kept(group, threshold, prune_ratio)
             masks += [ops.pack_mask(k, 0.5, backend=backend) for k in kept]
@@ -75,7 +89,8 @@ def _exact_count_kept(
     On the device, without a host round trip: every magnitude below the threshold is
     pruned, and of those equal to it the first ``pruned - below`` in index order.
     """
-    magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
+    # In the threshold's dtype (the tensors', promoted if they differ), as it was selected.
+    magnitudes = torch.cat([t.reshape(-1).abs() for t in tensors]).to(threshold.dtype)
     pruned = int(magnitudes.numel() * prune_ratio)
     below = (magnitudes < threshold).sum()
     tied = magnitudes == threshold
@@ -145,7 +160,11 @@ class MaskWindow:
         order = [(self.newest - back) % self.length for back in range(held - 1, -1, -1)]
         if not order:
             return torch.zeros(0, dtype=torch.int64, device=row.device)
-        return ops.hamming_window(row, self.rows[order])
+        # Against every held row in place, then the counts in age order: gathering the
+        # rows instead copies them byte by byte (~10 ms for BERT-base's Q/K masks, more
+        # than the whole rest of a check).
+        differing = ops.hamming_window(row, self.rows[: min(self.count, self.length)])
+        return differing[order]
 
     def distances(self) -> torch.Tensor:
         """Normalized Hamming distances between the newest mask and each older one in the
@@ -154,9 +173,8 @@ class MaskWindow:
             return torch.zeros(0, device=self.rows.device)
         held = min(self.count, self.length)
         order = [(self.newest - back) % self.length for back in range(held - 1, 0, -1)]
-        older = self.rows[order]
-        differing = ops.hamming_window(self.rows[self.newest], older)
-        return differing.float() / self.numel
+        differing = ops.hamming_window(self.rows[self.newest], self.rows[:held])  # in place
+        return differing[order].float() / self.numel
 
     def state_dict(self) -> dict:
         return {

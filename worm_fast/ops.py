@@ -22,6 +22,7 @@ packed_nbytes = _ops.packed_nbytes
 
 __all__ = [
     "hamming_window",
+    "magnitude_histogram",
     "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",
@@ -84,6 +85,29 @@ def hamming_window(
     if current.device != window.device:
         raise ValueError(f"hamming_window: current on {current.device}, window on {window.device}")
     return resolve(backend, window.device).hamming_window(current.contiguous(), window.contiguous())
+
+
+def magnitude_histogram(
+    tensors: Sequence[torch.Tensor],
+    lo: torch.Tensor,
+    shift: int,
+    bits: int,
+    *,
+    stride: int = 1,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Counts (int64 [rows, 2**bits + 2]) of the magnitude keys of ``tensors`` in the
+    window of keys [lo, lo + 2**(shift + bits)): by digit ``(key - lo) >> shift``, then
+    the keys below ``lo``, then the NaNs. ``lo`` is int64 [1] (one row for all tensors)
+    or [len(tensors)] (a row per tensor), each in [0, 2**key_bits); ``stride`` > 1 counts
+    only every stride-th block of 64 elements of each tensor. The exact contract is in
+    ``worm_fast._ops``; ``worm_fast.radix_select`` selects exact magnitudes with it.
+    """
+    tensors = list(tensors)
+    _checks.check_magnitude_histogram(tensors, lo, shift, bits, stride)
+    device = tensors[0].device
+    kernel = resolve(backend, device).magnitude_histogram
+    return kernel([t.contiguous() for t in tensors], lo, shift, bits, stride)
 
 
 def soft_mask_distance(

@@ -47,7 +47,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from worm_fast import backends, ops
+from worm_fast import backends, ops, radix_select
 from worm_fast import masks as mask_ops
 from worm_fast.penalty import PenaltySettings, soft_mask_constants
 from worm_fast.presets import PAPER_CNN
@@ -301,9 +301,13 @@ class EarlyBirdSearch:
         self._check_parameters_unchanged()
         cfg = self.config
         tensors = list(self.params.values())
-        newest = mask_ops.compute_masks(
-            tensors, cfg["prune_ratio"], scope=cfg["scope"], ties=cfg["ties"], backend=self.backend
-        )
+        try:
+            newest = mask_ops.compute_masks(
+                tensors, cfg["prune_ratio"], scope=cfg["scope"], ties=cfg["ties"],
+                backend=self.backend,
+            )  # fmt: skip
+        except radix_select.NaNMagnitudesError:
+            raise NonFiniteError(self._non_finite_message()) from None
         row = torch.cat(newest)
         differing = self.window.differing_bits(row)
         finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()

@@ -701,6 +701,21 @@ void adamw_range(const AdamTensor& t, const AdamConfig& c, int64_t begin, int64_
 
 template <class Io>
 WF_INLINE uint64_t pack_full_word(const typename Io::S* __restrict v, typename Io::T thr) {
+#if WF_HAVE_AVX512
+  // fp32 storage (FloatIo): compares straight into lane masks, where the loops below
+  // vectorize into per-lane shifts and an OR reduction, slower than a read of the values.
+  if constexpr (sizeof(typename Io::S) == 4) {
+    const __m512 threshold = _mm512_set1_ps(thr);
+    uint64_t word = 0;
+    for (int q = 0; q < 4; ++q) {
+      const __m512 magnitude = _mm512_abs_ps(_mm512_loadu_ps(v + 16 * q));
+      // Ordered: NaN > thr is false, as in the loops below.
+      word |= static_cast<uint64_t>(_mm512_cmp_ps_mask(magnitude, threshold, _CMP_GT_OQ))
+              << (16 * q);
+    }
+    return word;
+  }
+#endif
   if constexpr (sizeof(typename Io::T) == 8) {
     uint64_t word = 0;
     for (int k = 0; k < 64; ++k) {
@@ -1036,9 +1051,213 @@ void soft_mask_distance_grad_range(const SoftMaskTensor& t, double scale, void* 
   }
 }
 
+// ---------------------------------------------------------------------------------
+// magnitude_histogram: the key of a value is its bits with the sign cleared, an unsigned
+// integer that orders like |x| (worm_fast/_ops.py, MagnitudeKey). S is the storage
+// integer, K the key type (16-bit keys widen to 32 bits).
+
+struct BlockCounts {
+  uint64_t inside;  // bit k: key k lies in the window
+  uint32_t below;
+  uint32_t nans;
+};
+
+// Classifies 32 keys: returns bit k set when key k lies in the window, writes the digits
+// (garbage outside the window) and adds the keys below it and the NaNs. One fixed-trip
+// loop with local sums, as in pack_full_word, so that it vectorizes: the scatter into
+// the counts that follows is the only scalar work, and only for keys in the window.
+template <class S, class K>
+WF_INLINE uint32_t classify_32(const S* __restrict v, K abs_mask, K inf, K lo, int window,
+                               int shift, K* __restrict digits, uint32_t& below,
+                               uint32_t& nans) {
+  uint32_t inside = 0;
+  uint32_t under = 0;
+  uint32_t nan_count = 0;
+  for (int k = 0; k < 32; ++k) {
+    const K key = static_cast<K>(v[k]) & abs_mask;
+    // Below lo the difference wraps past 2^window (keys are under half the type's range).
+    const K offset = key - lo;
+    digits[k] = offset >> shift;
+    const bool nan = key > inf;
+    under += static_cast<uint32_t>(!nan & (key < lo));
+    nan_count += static_cast<uint32_t>(nan);
+    inside |= static_cast<uint32_t>(!nan & ((offset >> window) == 0)) << k;
+  }
+  below += under;
+  nans += nan_count;
+  return inside;
+}
+
+template <class S, class K>
+WF_INLINE BlockCounts classify_block(const S* __restrict v, K abs_mask, K inf, K lo, int window,
+                                     int shift, K* __restrict digits) {
+  BlockCounts c{0, 0, 0};
+  const uint32_t low =
+      classify_32<S, K>(v, abs_mask, inf, lo, window, shift, digits, c.below, c.nans);
+  const uint32_t high = classify_32<S, K>(v + 32, abs_mask, inf, lo, window, shift, digits + 32,
+                                          c.below, c.nans);
+  c.inside = low | (static_cast<uint64_t>(high) << 32);
+  return c;
+}
+
+// Keys of the blocks of 64 elements in [begin, end) (begin a multiple of 64) whose index
+// is a multiple of pass.stride; full blocks go to count_block(first element), the last
+// partial one is counted here. A sample (stride > 1) jumps between blocks, which the
+// hardware prefetcher does not follow: the blocks 8 strides ahead are prefetched.
+template <class S, class K, class CountBlock>
+WF_INLINE void for_each_block(const S* v, K abs_mask, K inf, const HistogramPass& pass,
+                              int64_t begin, int64_t end, uint32_t* __restrict counts,
+                              int64_t& below, int64_t& nans, const CountBlock& count_block) {
+  constexpr int64_t kPrefetchStrides = 8;
+  const int64_t stride = pass.stride;
+  const K lo = static_cast<K>(pass.lo);
+  const int window = pass.shift + pass.bits;
+  for (int64_t block = (begin / 64 + stride - 1) / stride * stride; block * 64 < end;
+       block += stride) {
+    const int64_t base = block * 64;
+    if (stride > 1 && base + (kPrefetchStrides * stride + 1) * 64 <= end) {
+      const char* ahead = reinterpret_cast<const char*>(v + base + kPrefetchStrides * stride * 64);
+      for (int64_t line = 0; line < static_cast<int64_t>(64 * sizeof(S)); line += 64) {
+        __builtin_prefetch(ahead + line);
+      }
+    }
+    if (end - base >= 64) {
+      count_block(v + base);
+      continue;
+    }
+    for (int64_t i = base; i < end; ++i) {
+      const K key = static_cast<K>(v[i]) & abs_mask;
+      if (key > inf) {
+        ++nans;
+      } else if (key < lo) {
+        ++below;
+      } else if (((key - lo) >> window) == 0) {
+        ++counts[(key - lo) >> pass.shift];
+      }
+    }
+  }
+}
+
+#if WF_HAVE_AVX512
+WF_INLINE __m512i load_keys(const uint32_t* v) { return _mm512_loadu_si512(v); }
+WF_INLINE __m512i load_keys(const uint16_t* v) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+}
+
+// 32-bit keys (float32; float16 and bfloat16 widened), 16 per vector: compares into lane
+// masks, and the digits of the keys in the window compressed into a buffer, so that no
+// branch depends on the data until one tight loop counts the buffer. About one read of
+// the values when few keys lie in the window.
+template <class S>
+void histogram_avx512(const S* v, uint32_t abs_mask, uint32_t inf, const HistogramPass& pass,
+                      int64_t begin, int64_t end, uint32_t* __restrict counts, int64_t* below,
+                      int64_t* nans) {
+  constexpr int kBuffer = 2048;
+  uint32_t buffer[kBuffer + 64];
+  int length = 0;
+  const int window = pass.shift + pass.bits;  // <= 31
+  const __m512i abs_v = _mm512_set1_epi32(static_cast<int>(abs_mask));
+  const __m512i inf_v = _mm512_set1_epi32(static_cast<int>(inf));
+  const __m512i lo_v = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(pass.lo)));
+  const __m512i width_v = _mm512_set1_epi32(static_cast<int>(uint32_t{1} << window));
+  const __m128i shift_v = _mm_cvtsi32_si128(pass.shift);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i below_v = _mm512_setzero_si512();
+  __m512i nans_v = _mm512_setzero_si512();
+  int64_t below_tail = 0;
+  int64_t nans_tail = 0;
+  const auto drain = [&] {
+    for (int i = 0; i < length; ++i) {
+      ++counts[buffer[i]];
+    }
+    length = 0;
+  };
+  const auto count_block = [&](const S* block) {
+    for (int q = 0; q < 4; ++q) {
+      const __m512i key = _mm512_and_si512(load_keys(block + 16 * q), abs_v);
+      const __m512i offset = _mm512_sub_epi32(key, lo_v);  // below lo: wraps past width
+      const __mmask16 nan = _mm512_cmpgt_epu32_mask(key, inf_v);
+      const __mmask16 under = _mm512_mask_cmplt_epu32_mask(~nan, key, lo_v);
+      const __mmask16 inside = _mm512_mask_cmplt_epu32_mask(~nan, offset, width_v);
+      below_v = _mm512_mask_add_epi32(below_v, under, below_v, one);
+      nans_v = _mm512_mask_add_epi32(nans_v, nan, nans_v, one);
+      const __m512i digits = _mm512_srl_epi32(offset, shift_v);
+      _mm512_storeu_si512(buffer + length, _mm512_maskz_compress_epi32(inside, digits));
+      length += __builtin_popcount(inside);
+    }
+    if (length > kBuffer) {
+      drain();
+    }
+  };
+  for_each_block<S, uint32_t>(v, abs_mask, inf, pass, begin, end, counts, below_tail, nans_tail,
+                              count_block);
+  drain();
+  // Lane sums stay below 2^32: a call covers one work item.
+  *below += below_tail + static_cast<uint32_t>(_mm512_reduce_add_epi32(below_v));
+  *nans += nans_tail + static_cast<uint32_t>(_mm512_reduce_add_epi32(nans_v));
+}
+#endif
+
+template <class S, class K>
+void histogram_typed(const void* values, K abs_mask, K inf, const HistogramPass& pass,
+                     int64_t begin, int64_t end, uint32_t* __restrict counts, int64_t* below,
+                     int64_t* nans) {
+  const S* v = static_cast<const S*>(values);
+#if WF_HAVE_AVX512
+  if constexpr (sizeof(K) == 4) {
+    return histogram_avx512<S>(v, abs_mask, inf, pass, begin, end, counts, below, nans);
+  }
+#endif
+  const K lo = static_cast<K>(pass.lo);
+  const int window = pass.shift + pass.bits;
+  int64_t below_sum = 0;
+  int64_t nan_sum = 0;
+  const auto count_block = [&](const S* block) {
+    K digits[64];
+    const BlockCounts c =
+        classify_block<S, K>(block, abs_mask, inf, lo, window, pass.shift, digits);
+    below_sum += c.below;
+    nan_sum += c.nans;
+    if (c.inside == ~uint64_t{0}) {  // a full-window pass: every key counts
+      for (int k = 0; k < 64; ++k) {
+        ++counts[digits[k]];
+      }
+    } else {
+      for (uint64_t in = c.inside; in != 0; in &= in - 1) {
+        ++counts[digits[__builtin_ctzll(in)]];
+      }
+    }
+  };
+  for_each_block<S, K>(v, abs_mask, inf, pass, begin, end, counts, below_sum, nan_sum,
+                       count_block);
+  *below += below_sum;
+  *nans += nan_sum;
+}
+
+// The sign masks and inf keys of worm_fast/_ops.py's MAGNITUDE_KEYS.
+void histogram_range(const void* values, ScalarKind kind, const HistogramPass& pass,
+                     int64_t begin, int64_t end, uint32_t* counts, int64_t* below,
+                     int64_t* nans) {
+  switch (kind) {
+    case ScalarKind::Float:
+      return histogram_typed<uint32_t, uint32_t>(values, 0x7FFFFFFFu, 0x7F800000u, pass, begin,
+                                                 end, counts, below, nans);
+    case ScalarKind::Double:
+      return histogram_typed<uint64_t, uint64_t>(values, 0x7FFFFFFFFFFFFFFFull,
+                                                 0x7FF0000000000000ull, pass, begin, end,
+                                                 counts, below, nans);
+    case ScalarKind::Half:
+      return histogram_typed<uint16_t, uint32_t>(values, 0x7FFFu, 0x7C00u, pass, begin, end,
+                                                 counts, below, nans);
+    case ScalarKind::BFloat16:
+      return histogram_typed<uint16_t, uint32_t>(values, 0x7FFFu, 0x7F80u, pass, begin, end,
+                                                 counts, below, nans);
+  }
+}
+
 // Constant-initialized: no code compiled for this ISA runs when the table is chosen.
-constexpr KernelTable kTable{WF_ISA_NAME,  sgd_range,     adamw_range,
-                             pack_range,   unpack_range,  hamming_range,
+constexpr KernelTable kTable{WF_ISA_NAME,     sgd_range,    adamw_range,  pack_range,
+                             unpack_range,    hamming_range, histogram_range,
                              soft_mask_distance_range, soft_mask_distance_grad_range};
 
 }  // namespace

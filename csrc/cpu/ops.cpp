@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -71,6 +73,10 @@ constexpr int64_t kPackGrainWords = 1024;
 constexpr int64_t kUnpackGrainBytes = 8192;
 // Bytes per task of hamming_window (a multiple of 8).
 constexpr int64_t kHammingChunkBytes = 1 << 16;
+// Elements per work item of magnitude_histogram (a multiple of 64); below this many
+// elements in all, the calling thread counts them.
+constexpr int64_t kHistogramChunk = 1 << 16;
+constexpr int64_t kHistogramSerialBelow = 1 << 16;
 
 ScalarKind kind_of(at::ScalarType dtype) {
   switch (dtype) {
@@ -184,6 +190,80 @@ void run_work_items(const std::vector<WorkItem>& items, int64_t total, int64_t s
   } else {
     at::parallel_for(0, count, 1, run);
   }
+}
+
+// Each thread counts into uint32 digits for the row (tensor, or all tensors) it is on,
+// and adds them to the int64 result under a lock when it moves to another row, before a
+// digit could overflow, and when it is done: the result is the same for any split.
+at::Tensor magnitude_histogram_cpu(at::TensorList tensors, const at::Tensor& lo, int64_t shift,
+                                   int64_t bits, int64_t stride) {
+  check_magnitude_histogram_args(tensors, lo, shift, bits, stride, c10::DeviceType::CPU);
+  const int64_t rows = lo.numel();
+  const int64_t digits = int64_t{1} << bits;
+  at::Tensor out =
+      at::zeros({rows, digits + 2}, at::TensorOptions().dtype(at::kLong).device(at::kCPU));
+  const at::Tensor starts = lo.contiguous();
+  const int64_t* start = starts.const_data_ptr<int64_t>();
+  std::vector<at::Tensor> keep_alive;  // contiguous copies of strided tensors
+  std::vector<const void*> data(tensors.size());
+  std::vector<WorkItem> items;
+  int64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t numel = tensors[i].numel();
+    if (numel > 0) {
+      data[i] = contiguous_data(tensors[i], keep_alive);
+      add_work_items(items, static_cast<int64_t>(i), numel, kHistogramChunk);
+      total += numel;
+    }
+  }
+  const ScalarKind kind = kind_of(tensors[0].scalar_type());
+  int64_t* result = out.data_ptr<int64_t>();
+  std::mutex result_lock;
+  const KernelTable& k = selected_kernels();
+  const auto count = [&](int64_t first, int64_t last) {
+    thread_local std::vector<uint32_t> counts;  // kept between calls: no page faults
+    counts.assign(digits, 0);
+    int64_t row = -1;
+    int64_t below = 0;
+    int64_t nans = 0;
+    int64_t pending = 0;  // elements counted since the last flush
+    const auto flush = [&] {
+      if (pending == 0) {
+        return;
+      }
+      const std::lock_guard<std::mutex> guard(result_lock);
+      int64_t* r = result + row * (digits + 2);
+      for (int64_t d = 0; d < digits; ++d) {
+        r[d] += counts[d];
+      }
+      r[digits] += below;
+      r[digits + 1] += nans;
+      std::fill(counts.begin(), counts.end(), 0u);
+      below = nans = pending = 0;
+    };
+    for (int64_t j = first; j < last; ++j) {
+      const WorkItem& item = items[j];
+      const int64_t item_row = rows == 1 ? 0 : item.tensor;
+      const int64_t size = item.end - item.begin;
+      if (item_row != row || pending + size > std::numeric_limits<uint32_t>::max()) {
+        flush();
+        row = item_row;
+      }
+      pending += size;
+      const HistogramPass pass{static_cast<uint64_t>(start[row]), static_cast<int>(shift),
+                               static_cast<int>(bits), stride};
+      k.histogram_range(data[item.tensor], kind, pass, item.begin, item.end, counts.data(),
+                        &below, &nans);
+    }
+    flush();
+  };
+  const auto count_items = static_cast<int64_t>(items.size());
+  if (total < kHistogramSerialBelow) {
+    count(0, count_items);
+  } else {
+    at::parallel_for(0, count_items, 1, count);
+  }
+  return out;
 }
 
 void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
@@ -410,6 +490,7 @@ TORCH_LIBRARY_IMPL(worm_fast, CPU, m) {
   m.impl("pack_mask", &worm_fast::cpu::pack_mask_cpu);
   m.impl("unpack_mask", &worm_fast::cpu::unpack_mask_cpu);
   m.impl("hamming_window", &worm_fast::cpu::hamming_window_cpu);
+  m.impl("magnitude_histogram", &worm_fast::cpu::magnitude_histogram_cpu);
   m.impl("masked_sgd_step_", &worm_fast::cpu::masked_sgd_step_cpu);
   m.impl("masked_adamw_step_", &worm_fast::cpu::masked_adamw_step_cpu);
   m.impl("soft_mask_distance", &worm_fast::cpu::soft_mask_distance_cpu);

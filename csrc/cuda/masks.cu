@@ -1,6 +1,7 @@
-// CUDA kernels of worm_fast::pack_mask, unpack_mask and hamming_window (the packed
-// layout of DESIGN §3.1). None synchronizes with the host: a device threshold is read
-// by the kernel, and the Hamming distances are reduced into a device int64 tensor.
+// CUDA kernels of worm_fast::pack_mask, unpack_mask, hamming_window (the packed layout of
+// DESIGN §3.1) and magnitude_histogram (the counts that select the threshold). None
+// synchronizes with the host: a device threshold or window start is read by the kernel,
+// and counts and distances are reduced into device int64 tensors.
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
@@ -143,6 +144,93 @@ __global__ void __launch_bounds__(kHammingBlock)
   }
 }
 
+// ---------------------------------------------------------------------------------
+// magnitude_histogram: each thread classifies the keys of the elements it strides over
+// (the sampled blocks of 64 only); a window of at most 2^12 digits is counted in shared
+// memory first (one atomic per digit and block in global memory), a wider one (few keys
+// in it: the narrowing passes) with one global atomic per key. Keys below the window
+// and NaNs are reduced per block. S is the storage integer, K the key type.
+
+constexpr int kHistogramBlock = kHammingBlock;  // block_sum's size
+constexpr int kSharedHistogramBits = 12;
+
+template <typename S, typename K, bool kShared>
+__global__ void __launch_bounds__(kHistogramBlock)
+    magnitude_histogram_kernel(const S* __restrict__ values, int64_t numel,
+                               const int64_t* __restrict__ lo_ptr, int shift, int window,
+                               int64_t stride, K abs_mask, K inf,
+                               unsigned long long* __restrict__ counts, int digits) {
+  extern __shared__ unsigned int shared_counts[];  // `digits` of them when kShared
+  if (kShared) {
+    for (int d = threadIdx.x; d < digits; d += blockDim.x) {
+      shared_counts[d] = 0;
+    }
+    __syncthreads();
+  }
+  const K lo = static_cast<K>(*lo_ptr);
+  // Sampled element slots: 64 per counted block.
+  const int64_t slots = ((numel + 63) / 64 + stride - 1) / stride * 64;
+  long long below = 0;
+  long long nans = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < slots;
+       j += step) {
+    const int64_t i = j / 64 * stride * 64 + j % 64;
+    if (i >= numel) {
+      continue;
+    }
+    const K key = static_cast<K>(values[i]) & abs_mask;
+    if (key > inf) {
+      ++nans;
+    } else if (key < lo) {
+      ++below;
+    } else if (((key - lo) >> window) == 0) {
+      const auto digit = static_cast<int>((key - lo) >> shift);
+      if (kShared) {
+        atomicAdd(shared_counts + digit, 1u);
+      } else {
+        atomicAdd(counts + digit, 1ull);
+      }
+    }
+  }
+  if (kShared) {
+    __syncthreads();
+    for (int d = threadIdx.x; d < digits; d += blockDim.x) {
+      if (shared_counts[d] != 0) {
+        atomicAdd(counts + d, static_cast<unsigned long long>(shared_counts[d]));
+      }
+    }
+  }
+  below = block_sum(below);
+  __syncthreads();  // block_sum's shared partial sums are reused
+  nans = block_sum(nans);
+  if (threadIdx.x == 0) {
+    atomicAdd(counts + digits, static_cast<unsigned long long>(below));
+    atomicAdd(counts + digits + 1, static_cast<unsigned long long>(nans));
+  }
+}
+
+template <typename S, typename K>
+void launch_histogram_typed(const void* values, int64_t numel, const int64_t* lo, int shift,
+                            int bits, int64_t stride, K abs_mask, K inf, int64_t* counts,
+                            cudaStream_t stream) {
+  const int64_t slots = ((numel + 63) / 64 + stride - 1) / stride * 64;
+  const int64_t blocks = grid_size(slots, kHistogramBlock, 8);
+  const int digits = 1 << bits;
+  static_assert(sizeof(unsigned long long) == sizeof(int64_t), "int64 counts");
+  auto* out = reinterpret_cast<unsigned long long*>(counts);
+  const auto* v = static_cast<const S*>(values);
+  if (bits <= kSharedHistogramBits) {
+    magnitude_histogram_kernel<S, K, true>
+        <<<blocks, kHistogramBlock, digits * sizeof(unsigned int), stream>>>(
+            v, numel, lo, shift, shift + bits, stride, abs_mask, inf, out, digits);
+  } else {
+    magnitude_histogram_kernel<S, K, false><<<blocks, kHistogramBlock, 0, stream>>>(
+        v, numel, lo, shift, shift + bits, stride, abs_mask, inf, out, digits);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void launch_pack_mask(ScalarKind kind, const void* values, int64_t numel,
@@ -191,6 +279,31 @@ void launch_hamming_window(const uint8_t* current, const uint8_t* window, int64_
   hamming_window_kernel<<<grid, kHammingBlock, 0, stream>>>(
       current, window, nbytes, words, reinterpret_cast<unsigned long long*>(out));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The sign masks and inf keys of worm_fast/_ops.py's MAGNITUDE_KEYS.
+void launch_magnitude_histogram(ScalarKind kind, const void* values, int64_t numel,
+                                const int64_t* lo, int shift, int bits, int64_t stride,
+                                int64_t* counts, cudaStream_t stream) {
+  if (numel == 0) {
+    return;
+  }
+  switch (kind) {
+    case ScalarKind::Float:
+      return launch_histogram_typed<uint32_t, uint32_t>(values, numel, lo, shift, bits, stride,
+                                                        0x7FFFFFFFu, 0x7F800000u, counts,
+                                                        stream);
+    case ScalarKind::Double:
+      return launch_histogram_typed<uint64_t, uint64_t>(
+          values, numel, lo, shift, bits, stride, 0x7FFFFFFFFFFFFFFFull, 0x7FF0000000000000ull,
+          counts, stream);
+    case ScalarKind::Half:
+      return launch_histogram_typed<uint16_t, uint32_t>(values, numel, lo, shift, bits, stride,
+                                                        0x7FFFu, 0x7C00u, counts, stream);
+    case ScalarKind::BFloat16:
+      return launch_histogram_typed<uint16_t, uint32_t>(values, numel, lo, shift, bits, stride,
+                                                        0x7FFFu, 0x7F80u, counts, stream);
+  }
 }
 
 }  // namespace worm_fast::cuda

@@ -104,6 +104,27 @@ at::Tensor hamming_window_cuda(const at::Tensor& current, const at::Tensor& wind
   return out;
 }
 
+at::Tensor magnitude_histogram_cuda(at::TensorList tensors, const at::Tensor& lo, int64_t shift,
+                                    int64_t bits, int64_t stride) {
+  check_magnitude_histogram_args(tensors, lo, shift, bits, stride, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(tensors[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows = lo.numel();
+  const int64_t width = (int64_t{1} << bits) + 2;
+  at::Tensor out = at::zeros({rows, width}, lo.options());
+  const at::Tensor starts = lo.contiguous();
+  std::vector<at::Tensor> keep;  // contiguous copies of strided tensors
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t row = rows == 1 ? 0 : static_cast<int64_t>(i);
+    launch_magnitude_histogram(kind_of(tensors[i].scalar_type()),
+                               contiguous_data(tensors[i], keep), tensors[i].numel(),
+                               starts.const_data_ptr<int64_t>() + row, static_cast<int>(shift),
+                               static_cast<int>(bits), stride,
+                               out.data_ptr<int64_t>() + row * width, stream);
+  }
+  return out;
+}
+
 void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
                           at::TensorList momentum_buffers,
                           const c10::List<std::optional<at::Tensor>>& masks, double lr,
@@ -315,6 +336,7 @@ TORCH_LIBRARY_IMPL(worm_fast, CUDA, m) {
   m.impl("pack_mask", &worm_fast::cuda::pack_mask_cuda);
   m.impl("unpack_mask", &worm_fast::cuda::unpack_mask_cuda);
   m.impl("hamming_window", &worm_fast::cuda::hamming_window_cuda);
+  m.impl("magnitude_histogram", &worm_fast::cuda::magnitude_histogram_cuda);
   m.impl("masked_sgd_step_", &worm_fast::cuda::masked_sgd_step_cuda);
   m.impl("masked_adamw_step_", &worm_fast::cuda::masked_adamw_step_cuda);
   m.impl("soft_mask_distance", &worm_fast::cuda::soft_mask_distance_cuda);

@@ -35,7 +35,7 @@ from tests.utils import (
     sgd_case,
     sgd_kwargs,
 )
-from worm_fast._ops import OP_NAMES, packed_nbytes
+from worm_fast._ops import MAGNITUDE_KEYS, OP_NAMES, packed_nbytes
 from worm_fast.backends import cpp, reference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -336,6 +336,7 @@ def _opcheck_arguments(device):
         "pack_mask": ((values, torch.tensor(0.5)), {}),
         "unpack_mask": ((packed, 210), {}),
         "hamming_window": ((packed, window), {}),
+        "magnitude_histogram": (([values, params[1]], torch.tensor([0, 7]), 19, 12, 2), {}),
         "masked_sgd_step_": ((params, grads, bufs, masks), sgd_arguments),
         "masked_adamw_step_": (adamw_args, adamw_arguments),
     }
@@ -390,6 +391,21 @@ def _check_against_reference_quickly():
                     kernels, "cpp", case, mask_kind, f"{dtype} {mask_kind} {describe(hp)}",
                     **adamw_kwargs(**hp),
                 )  # fmt: skip
+        # The histogram's vector loop (AVX-512, 32-bit keys) and its generic one (the other
+        # instruction sets, and 64-bit keys): a full pass, a narrow window, a sample.
+        values = [randn(4097, dtype=dtype, seed=2), randn(65, dtype=dtype, seed=3)]
+        values[0][::5] = float("nan")
+        key = MAGNITUDE_KEYS[dtype]
+        start = int(torch.tensor(0.5, dtype=dtype).view(key.storage))
+        for lo, shift, bits, stride in (
+            (torch.tensor([0]), key.bits - 12, 12, 1),
+            (torch.tensor([start - 900, start]), 0, 14, 1),
+            (torch.tensor([0]), key.bits - 10, 10, 3),
+        ):
+            assert torch.equal(
+                kernels.magnitude_histogram(values, lo, shift, bits, stride),
+                reference.magnitude_histogram(values, lo, shift, bits, stride),
+            ), (dtype, shift, bits)
     packed = random_bytes(packed_nbytes(4097), seed=3)
     assert torch.equal(kernels.unpack_mask(packed, 4097), reference.unpack_mask(packed, 4097))
     # 9 rows: one pass over 8 rows, then one over the last (hamming_rows<1>).

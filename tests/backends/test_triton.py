@@ -141,6 +141,11 @@ def test_opcheck_mask_ops(device):
     _opcheck(torch.ops.worm_fast.triton_unpack_mask.default, (packed, 65))
     window = random_bytes(3, packed.numel(), device=device)
     _opcheck(torch.ops.worm_fast.triton_hamming_window.default, (packed, window))
+    for lo in (torch.tensor([0], device=device), torch.tensor([0, 7], device=device)):
+        _opcheck(
+            torch.ops.worm_fast.triton_magnitude_histogram.default,
+            ([values, randn(7, device=device)], lo, 19, 12, 2),
+        )
 
 
 def _scalars(found_inf, device):
@@ -238,7 +243,13 @@ adamw_bits = dict.fromkeys(["step_index", "lr_bits", "decay_bits", "weight_decay
                             "one_minus_beta1_bits", "beta2_bits", "one_minus_beta2_bits",
                             "log_beta1_bits", "log_beta2_bits", "eps_bits", "truncation_bits"],
                            "i64")
+infs = {"fp32": 0x7F800000, "fp64": 0x7FF0000000000000, "fp16": 0x7C00, "bf16": 0x7F80}
 for dtype in ("fp32", "fp64", "fp16", "bf16"):
+    for histogram_bits in (12, 18):  # per-program counts, and one atomic per key
+        compile(kernels._magnitude_histogram_kernel,
+                {"values_ptr": f"*{dtype}", "lo_ptr": "*i64", "counts_ptr": "*i64",
+                 "numel": "i64", "shift": "i32", "stride": "i64"},
+                {"INF": infs[dtype], "BITS": histogram_bits, "BLOCKS": 32})
     compile(kernels._pack_mask_kernel, {"values_ptr": f"*{dtype}", "threshold_ptr": "*fp32",
             "out_ptr": "*u8", "numel": "i32", "nbytes": "i32"}, {"BLOCK_BYTES": 256})
     tensors = dict(param_ptr=f"*{dtype}", grad_ptr=f"*{dtype}", buf_ptr=f"*{dtype}",

@@ -1,8 +1,8 @@
 """Kernel backends and how one is chosen.
 
 Every backend exposes one function per op of ``worm_fast._ops.OP_NAMES`` (``pack_mask``,
-``unpack_mask``, ``hamming_window``, ``masked_sgd_step_``, ``masked_adamw_step_``) with
-the signature of ``backends.reference``.
+``unpack_mask``, ``hamming_window``, ``magnitude_histogram``, ``soft_mask_distance``,
+``masked_sgd_step_``, ``masked_adamw_step_``) with the signature of ``backends.reference``.
 ``auto`` picks the fastest one for the tensors' device: CPU → ``cpp``, CUDA → ``cuda``
 then ``triton``, anything else → ``reference``. ``WORM_FAST_BACKEND`` or a ``backend=``
 argument forces one.

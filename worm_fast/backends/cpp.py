@@ -103,6 +103,7 @@ def status() -> BackendStatus:
 pack_mask = torch.ops.worm_fast.pack_mask
 unpack_mask = torch.ops.worm_fast.unpack_mask
 hamming_window = torch.ops.worm_fast.hamming_window
+magnitude_histogram = torch.ops.worm_fast.magnitude_histogram
 masked_sgd_step_ = torch.ops.worm_fast.masked_sgd_step_
 masked_adamw_step_ = torch.ops.worm_fast.masked_adamw_step_
 soft_mask_distance = torch.ops.worm_fast.soft_mask_distance  # autograd: worm_fast._ops

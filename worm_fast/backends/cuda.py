@@ -5,6 +5,7 @@ import torch
 from worm_fast.backends import BackendStatus, cpp
 from worm_fast.backends.cpp import (
     hamming_window,
+    magnitude_histogram,
     masked_adamw_step_,
     masked_sgd_step_,
     pack_mask,
@@ -14,6 +15,7 @@ from worm_fast.backends.cpp import (
 
 __all__ = [
     "hamming_window",
+    "magnitude_histogram",
     "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",

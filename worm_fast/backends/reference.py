@@ -9,7 +9,7 @@ Each first checks the op's contract (``worm_fast._checks``), as every backend do
 import torch
 
 from worm_fast import _checks
-from worm_fast._ops import NAMESPACE, packed_nbytes
+from worm_fast._ops import MAGNITUDE_KEYS, NAMESPACE, SAMPLE_BLOCK, packed_nbytes
 from worm_fast.backends import BackendStatus
 
 
@@ -47,6 +47,40 @@ def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=window.device)
     bits = (differing.unsqueeze(-1) >> shifts) & 1
     return bits.sum(dim=(1, 2), dtype=torch.int64)
+
+
+def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+    """The magnitude keys (``_ops.MagnitudeKey``) of ``values``, flattened, as int64."""
+    key = MAGNITUDE_KEYS[values.dtype]
+    bits = values.reshape(-1).view(key.storage).to(torch.int64)
+    return bits & ((1 << key.bits) - 1)
+
+
+def magnitude_histogram(
+    tensors: list[torch.Tensor], lo: torch.Tensor, shift: int, bits: int, stride: int = 1
+) -> torch.Tensor:
+    """Counts [rows, 2**bits + 2] of the keys in the window [lo, lo + 2**(shift + bits)):
+    digit (key - lo) >> shift, then the keys below lo, then the NaNs (``_ops``)."""
+    _checks.check_magnitude_histogram(tensors, lo, shift, bits, stride)
+    digits = 1 << bits
+    counts = torch.zeros(lo.numel(), digits + 2, dtype=torch.int64, device=lo.device)
+    inf = MAGNITUDE_KEYS[tensors[0].dtype].inf
+    for i, tensor in enumerate(tensors):
+        row = i if lo.numel() > 1 else 0
+        key = magnitude_keys(tensor)
+        block = torch.arange(key.numel(), device=key.device) // SAMPLE_BLOCK
+        counted = block % stride == 0
+        nan = counted & (key > inf)
+        valid = counted & ~nan
+        offset = key - lo[row]
+        # `offset >> (shift + bits) == 0` rather than `< 2**(shift + bits)`: no int64
+        # overflow for 63-bit keys.
+        inside = valid & (offset >= 0) & (offset >> (shift + bits) == 0)
+        digit = torch.where(inside, offset >> shift, 0)
+        counts[row, :digits].index_add_(0, digit, inside.to(torch.int64))
+        counts[row, digits] += (valid & (offset < 0)).sum()
+        counts[row, digits + 1] += nan.sum()
+    return counts
 
 
 def masked_sgd_step_(
@@ -240,7 +274,8 @@ def soft_mask_distance_backward(grad, values, window, thresholds, temperatures):
 
 
 for _name in (
-    "pack_mask", "unpack_mask", "hamming_window", "masked_sgd_step_", "masked_adamw_step_",
+    "pack_mask", "unpack_mask", "hamming_window", "magnitude_histogram", "masked_sgd_step_",
+    "masked_adamw_step_",
     "soft_mask_distance", "soft_mask_distance_backward",
 ):  # fmt: skip
     torch.library.impl(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd", globals()[_name])

@@ -106,4 +106,15 @@ void check_soft_mask_distance_args(at::TensorList values, const at::Tensor& wind
                                    const at::Tensor& thresholds, const at::Tensor& temperatures,
                                    const char* op);
 
+// magnitude_histogram (worm_fast/_ops.py): the most digit bits of one pass, and the width
+// of the magnitude keys of a dtype (31 for float32, 63 for float64, 15 for the 16-bit).
+constexpr int64_t kMaxHistogramBits = 18;
+int64_t magnitude_key_bits(at::ScalarType dtype);
+
+// One float dtype and one device for all tensors (at least one, strided), on
+// `device_type`; lo int64 [1] or [tensors.size()] on their device; 1 <= bits <=
+// kMaxHistogramBits, shift >= 0, shift + bits <= the key bits; stride >= 1.
+void check_magnitude_histogram_args(at::TensorList tensors, const at::Tensor& lo, int64_t shift,
+                                    int64_t bits, int64_t stride, c10::DeviceType device_type);
+
 }  // namespace worm_fast

@@ -86,6 +86,16 @@ struct SoftMaskTensor {
   double temperature;
 };
 
+// One pass of magnitude_histogram (see worm_fast/_ops.py): the window of magnitude keys
+// [lo, lo + 2^(shift + bits)) in 2^bits digits; only the blocks of 64 elements whose
+// index is a multiple of `stride` count.
+struct HistogramPass {
+  uint64_t lo;
+  int shift;
+  int bits;
+  int64_t stride;
+};
+
 struct KernelTable {
   const char* isa;
   // Elements [begin, end) of one tensor; begin is a multiple of 64.
@@ -102,6 +112,11 @@ struct KernelTable {
   // byte_end); rows are `row_stride` bytes apart. Any alignment.
   void (*hamming_range)(const uint8_t* current, const uint8_t* window, int64_t row_stride,
                         int64_t rows, int64_t byte_begin, int64_t byte_end, int64_t* acc);
+  // Elements [begin, end) of one tensor (begin a multiple of 64): counts[d] += keys of
+  // digit d in the window, *below += keys under lo, *nans += NaNs (never in a digit).
+  void (*histogram_range)(const void* values, ScalarKind kind, const HistogramPass& pass,
+                          int64_t begin, int64_t end, uint32_t* counts, int64_t* below,
+                          int64_t* nans);
   // The sum over elements [begin, end) (begin a multiple of 64) and the window's rows of
   // |sigmoid((|v| - threshold) / temperature) - bit|.
   double (*soft_mask_distance_range)(const SoftMaskTensor& t, int64_t begin, int64_t end);

@@ -128,4 +128,11 @@ void launch_soft_mask_distance(ScalarKind kind, const SoftMaskArgs& args, void* 
 void launch_soft_mask_distance_backward(ScalarKind kind, const SoftMaskArgs& args,
                                         const void* scale, void* grad, cudaStream_t stream);
 
+// magnitude_histogram over one contiguous tensor of `numel` values into `counts` (its row:
+// 2^bits digits, the keys below the window, the NaNs; int64, zeroed first), the window
+// start read from the device (`lo`, one int64).
+void launch_magnitude_histogram(ScalarKind kind, const void* values, int64_t numel,
+                                const int64_t* lo, int shift, int bits, int64_t stride,
+                                int64_t* counts, cudaStream_t stream);
+
 }  // namespace worm_fast::cuda

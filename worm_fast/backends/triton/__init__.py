@@ -21,6 +21,7 @@ except ImportError as error:  # no triton: the other backends still work
 
 __all__ = [
     "hamming_window",
+    "magnitude_histogram",
     "masked_adamw_step_",
     "masked_sgd_step_",
     "pack_mask",
@@ -56,6 +57,7 @@ def _kernel(name: str) -> Callable:
 
 pack_mask = _kernel("pack_mask")
 unpack_mask = _kernel("unpack_mask")
+magnitude_histogram = _kernel("magnitude_histogram")
 hamming_window = _kernel("hamming_window")
 masked_sgd_step_ = _kernel("masked_sgd_step_")
 masked_adamw_step_ = _kernel("masked_adamw_step_")

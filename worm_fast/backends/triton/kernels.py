@@ -399,5 +399,63 @@ def _soft_mask_distance_backward_kernel(
     tl.store(grad_ptr + index, _to_storage(grad, grad_ptr), mask=inside)
 
 
+@triton.jit
+def _magnitude_keys(values, like_ptr):
+    """The magnitude keys (``_ops.MagnitudeKey``) of ``values`` as int64: the bits of
+    ``|x|``, sign-extended by the integer view and then masked back to the key width."""
+    if like_ptr.dtype.element_ty == tl.float64:
+        return values.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
+    elif like_ptr.dtype.element_ty == tl.float32:
+        return values.to(tl.int32, bitcast=True).to(tl.int64) & 0x7FFFFFFF
+    else:
+        return values.to(tl.int16, bitcast=True).to(tl.int64) & 0x7FFF
+
+
+@triton.jit
+def _magnitude_histogram_kernel(
+    values_ptr,
+    lo_ptr,  # this tensor's window start (int64)
+    counts_ptr,  # this tensor's row of counts: 2**BITS digits, below, NaNs (int64)
+    numel,
+    shift,
+    stride,  # only blocks of 64 whose index is a multiple of stride count
+    INF: tl.constexpr,  # the key of inf; larger keys are NaNs
+    BITS: tl.constexpr,
+    BLOCKS: tl.constexpr,  # sampled blocks of 64 elements per program
+):
+    """Counts the keys of ``BLOCKS`` sampled blocks in the window [lo, lo + 2**(shift +
+    BITS)) by digit ``(key - lo) >> shift``, and the keys below it and the NaNs.
+
+    With at most 2**12 digits a program adds its keys up with ``tl.histogram`` first and
+    then adds one count per digit it saw; wider windows (few keys in them, as the
+    narrowing passes have) add each key's count atomically.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    block = (pid * BLOCKS + tl.arange(0, BLOCKS)[:, None]) * stride
+    index = block * 64 + tl.arange(0, 64)[None, :]
+    exists = index < numel
+    key = _magnitude_keys(tl.load(values_ptr + index, mask=exists, other=0), values_ptr)
+    nan = exists & (key > INF)
+    valid = exists & (key <= INF)
+    offset = key - tl.load(lo_ptr)
+    # `>> (shift + BITS) == 0` rather than `< 2**(shift + BITS)`: no overflow for 63 bits.
+    in_window = valid & (offset >= 0) & ((offset >> (shift + BITS)) == 0)
+    digit = tl.where(in_window, offset >> shift, 0)
+    if BITS <= 12:
+        # int32 digits: the interpreter's histogram takes its counts' dtype from them.
+        counts = tl.histogram(
+            tl.reshape(digit.to(tl.int32), [BLOCKS * 64]),
+            1 << BITS,
+            mask=tl.reshape(in_window, [BLOCKS * 64]),
+        )
+        digits = tl.arange(0, 1 << BITS)
+        tl.atomic_add(counts_ptr + digits, counts.to(tl.int64), mask=counts > 0)
+    else:
+        tl.atomic_add(counts_ptr + digit, in_window.to(tl.int64), mask=in_window)
+    below = (valid & (offset < 0)).to(tl.int64)
+    tl.atomic_add(counts_ptr + (1 << BITS), tl.sum(tl.sum(below, axis=1), axis=0))
+    tl.atomic_add(counts_ptr + (1 << BITS) + 1, tl.sum(tl.sum(nan.to(tl.int64), axis=1), axis=0))
+
+
 # TRITON_INTERPRET=1 (read when the kernels above were decorated) runs them on the CPU.
 INTERPRETED = isinstance(_masked_sgd_step_kernel, InterpretedFunction)

@@ -23,10 +23,16 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
 from worm_fast import _checks
-from worm_fast._ops import NAMESPACE, packed_nbytes
+from worm_fast._ops import (
+    MAGNITUDE_KEYS,
+    NAMESPACE,
+    SAMPLE_BLOCK,
+    packed_nbytes,
+)
 from worm_fast.backends.triton.kernels import (
     INTERPRETED,
     _hamming_window_kernel,
+    _magnitude_histogram_kernel,
     _masked_adamw_step_kernel,
     _masked_sgd_step_kernel,
     _pack_mask_kernel,
@@ -43,6 +49,7 @@ DEVICE_TYPES = ("cpu", "cuda") if INTERPRETED else ("cuda",)
 PACK_BLOCK_BYTES = 256  # 2048 elements
 UNPACK_BLOCK = 2048
 HAMMING_BLOCK_WORDS = 1024  # 64 Ki bits
+HISTOGRAM_BLOCKS = 32  # blocks of 64 elements: 2048 elements per program
 SGD_BLOCK = 1024
 ADAMW_BLOCK = 1024
 SOFT_MASK_BLOCK = 1024
@@ -95,6 +102,38 @@ def hamming_window(current: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
             window_words.stride(0),
             BLOCK=HAMMING_BLOCK_WORDS,
         )
+    return out
+
+
+@triton_op(f"{NAMESPACE}::triton_magnitude_histogram", mutates_args=())
+def magnitude_histogram(
+    tensors: list[torch.Tensor], lo: torch.Tensor, shift: int, bits: int, stride: int = 1
+) -> torch.Tensor:
+    """``reference.magnitude_histogram``, one kernel launch per tensor."""
+    _checks.check_magnitude_histogram(tensors, lo, shift, bits, stride)
+    for i, tensor in enumerate(tensors):
+        _check_device(f"tensors[{i}]", tensor)
+    device, key = tensors[0].device, MAGNITUDE_KEYS[tensors[0].dtype]
+    lo = lo.reshape(-1)
+    out = torch.zeros(lo.numel(), (1 << bits) + 2, dtype=torch.int64, device=device)
+    for i, tensor in enumerate(tensors):
+        row = i if lo.numel() > 1 else 0
+        values = tensor.reshape(-1).contiguous()
+        sampled_blocks = triton.cdiv(triton.cdiv(values.numel(), SAMPLE_BLOCK), stride)
+        if sampled_blocks:
+            wrap_triton(_magnitude_histogram_kernel)[
+                (triton.cdiv(sampled_blocks, HISTOGRAM_BLOCKS),)
+            ](
+                values,
+                lo[row:],
+                out[row],
+                values.numel(),
+                shift,
+                stride,
+                INF=key.inf,
+                BITS=bits,
+                BLOCKS=HISTOGRAM_BLOCKS,
+            )
     return out
 
 
@@ -353,6 +392,12 @@ def _(current, window):
     return window.new_empty(window.shape[0], dtype=torch.int64)
 
 
+@magnitude_histogram.register_fake
+def _(tensors, lo, shift, bits, stride=1):
+    _checks.check_magnitude_histogram(tensors, lo, shift, bits, stride)
+    return lo.new_empty(lo.numel(), (1 << bits) + 2, dtype=torch.int64)
+
+
 @masked_sgd_step_.register_fake
 def _(params, grads, momentum_buffers, masks, lr_tensor=None, grad_scale=None, found_inf=None,
       *, momentum, truncation, **other):  # fmt: skip
@@ -394,8 +439,8 @@ def _opaque_when_interpreted(mode, op, types, args, kwargs):
 
 if INTERPRETED:
     for _op in (
-        pack_mask, unpack_mask, hamming_window, masked_sgd_step_, masked_adamw_step_,
-        soft_mask_distance, soft_mask_distance_backward,
+        pack_mask, unpack_mask, hamming_window, magnitude_histogram, masked_sgd_step_,
+        masked_adamw_step_, soft_mask_distance, soft_mask_distance_backward,
     ):  # fmt: skip
         _op.register_torch_dispatch(FunctionalTensorMode, _opaque_when_interpreted)
 
