@@ -170,22 +170,26 @@ def _soft_mask_distance_backward_fake(grad, values, window, thresholds, temperat
     return [torch.empty_like(v, memory_format=torch.contiguous_format) for v in values]
 
 
-def _soft_mask_distance_setup_context(ctx, inputs, output):
-    values, window, thresholds, temperatures = inputs
-    ctx.save_for_backward(window, thresholds, temperatures, *values)
+def soft_mask_distance_autograd(backward_op) -> tuple:
+    """``(backward, setup_context)`` for a soft_mask_distance op whose gradient comes from
+    ``backward_op`` (a soft_mask_distance_backward op, which reads the packed window)."""
 
+    def setup_context(ctx, inputs, output):
+        values, window, thresholds, temperatures = inputs
+        ctx.save_for_backward(window, thresholds, temperatures, *values)
 
-def _soft_mask_distance_backward(ctx, grad):
-    window, thresholds, temperatures, *values = ctx.saved_tensors
-    grads = torch.ops.worm_fast.soft_mask_distance_backward(
-        grad, values, window, thresholds, temperatures
-    )
-    return list(grads), None, None, None
+    def backward(ctx, grad):
+        window, thresholds, temperatures, *values = ctx.saved_tensors
+        grads = backward_op(grad, values, window, thresholds, temperatures)
+        return list(grads), None, None, None
+
+    return backward, setup_context
 
 
 # The backward is itself an op that reads the packed window: one kernel per backend.
+_backward, _setup_context = soft_mask_distance_autograd(
+    torch.ops.worm_fast.soft_mask_distance_backward
+)
 torch.library.register_autograd(
-    f"{NAMESPACE}::soft_mask_distance",
-    _soft_mask_distance_backward,
-    setup_context=_soft_mask_distance_setup_context,
+    f"{NAMESPACE}::soft_mask_distance", _backward, setup_context=_setup_context
 )

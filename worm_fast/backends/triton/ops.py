@@ -28,6 +28,7 @@ from worm_fast._ops import (
     NAMESPACE,
     SAMPLE_BLOCK,
     packed_nbytes,
+    soft_mask_distance_autograd,
 )
 from worm_fast.backends.triton.kernels import (
     INTERPRETED,
@@ -340,20 +341,10 @@ def soft_mask_distance_backward(
     return grads
 
 
-def _soft_mask_setup_context(ctx, inputs, output):
-    values, window, thresholds, temperatures = inputs
-    ctx.save_for_backward(window, thresholds, temperatures, *values)
-
-
-def _soft_mask_backward(ctx, grad):
-    window, thresholds, temperatures, *values = ctx.saved_tensors
-    grads = torch.ops.worm_fast.triton_soft_mask_distance_backward(
-        grad, values, window, thresholds, temperatures
-    )
-    return list(grads), None, None, None
-
-
-soft_mask_distance.register_autograd(_soft_mask_backward, setup_context=_soft_mask_setup_context)
+_backward, _setup_context = soft_mask_distance_autograd(
+    torch.ops.worm_fast.triton_soft_mask_distance_backward
+)
+soft_mask_distance.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _soft_mask_launches(values, window):
