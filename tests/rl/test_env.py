@@ -1,6 +1,8 @@
 """The WORM-RL environments pass gymnasium's checker, and their rewards are the
 recorded tickets' validation accuracy minus the price of the epochs used."""
 
+from dataclasses import replace
+
 import pytest
 from gymnasium.utils.env_checker import check_env
 
@@ -56,3 +58,11 @@ def test_online_env_trains_for_real_and_triggers(trajectories):
     assert env.session.search.triggered_at == 1 and env.session.optimizer.truncation < 1
     _, reward, terminated, _, info = env.step(STOP)
     assert terminated and info["check"] == 2 and -1 <= reward <= 1
+
+
+def test_a_session_refuses_a_check_at_initialization():
+    # The policy sees the fraction of epochs run, counted one check per trained epoch.
+    from worm_fast.rl.session import SearchSession
+
+    with pytest.raises(ValueError, match="first_check='init' is not supported"):
+        SearchSession(replace(TINY, first_check="init"))

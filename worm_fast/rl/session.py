@@ -45,6 +45,11 @@ class SearchSession:
             raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
         if isinstance(reward_steps, bool) or not isinstance(reward_steps, int) or reward_steps < 1:
             raise ValueError(f"reward_steps must be an int >= 1, got {reward_steps!r}")
+        if config.first_check != "epoch":
+            raise ValueError(
+                "a WORM-RL session checks after each trained epoch (the policy sees the "
+                f"fraction of epochs run); first_check={config.first_check!r} is not supported"
+            )
         self.config = config  # its mode is not used: the session's search runs mode rl
         self.reward_steps = reward_steps
         self.progress = progress
@@ -67,7 +72,7 @@ class SearchSession:
             self.model, self.optimizer, mode="rl", max_checks=config.max_epochs,
             prune_ratio=config.prune_ratio, stop_distance=config.stop_distance,
             window=config.window, trigger_margin=config.trigger_margin,
-            truncation=config.truncation, scope=config.scope,
+            truncation=config.truncation, scope=config.scope, ties=config.ties,
             representative=config.representative,
             backend=None if config.backend == "auto" else config.backend,
         )  # fmt: skip
