@@ -216,7 +216,8 @@ def _weight(module: nn.Module, path: str) -> nn.Parameter | None:
     return weight if isinstance(weight, nn.Parameter) and weight.dim() == 2 else None
 
 
-def _layout_of(module: nn.Module) -> AttentionLayout | None:
+def layout_of(module: nn.Module) -> AttentionLayout | None:
+    """The first layout of :data:`ATTENTION_LAYOUTS` that ``module`` holds, if any."""
     classes = {cls.__name__ for cls in type(module).__mro__}
     for layout in ATTENTION_LAYOUTS:
         if layout.classes and not classes.intersection(layout.classes):
@@ -260,7 +261,7 @@ def attention_parts(model: nn.Module, *, include_value: bool = False) -> dict[st
     for name, module in model.named_modules():
         if not _is_attention(module):
             continue
-        layout = _layout_of(module)
+        layout = layout_of(module)
         if layout is None:
             weights = _projections(module)
             if len(weights) >= 2:  # one weight or none: a container or a pooling module
@@ -302,11 +303,16 @@ def _none_found(model: nn.Module, representative) -> ValueError:
             "query/key/value, q_proj/k_proj/v_proj, a fused qkv or in_proj_weight); for "
             "other layouts pass name patterns, e.g. ['*.attn.wq.weight', '*.attn.wk.weight']"
         )
-    elif representative in ("batchnorm", "norm"):
-        kinds = "BatchNorm layers" if representative == "batchnorm" else (
-            "BatchNorm, GroupNorm, InstanceNorm or one-dimensional LayerNorm layers"
-        )  # fmt: skip
-        looked_for = f"affine {kinds}; pass name patterns, e.g. ['*.bn*.weight']"
+    elif representative == "batchnorm":
+        looked_for = (
+            "affine BatchNorm layers; for GroupNorm or LayerNorm (e.g. ConvNeXt) use the "
+            "'norm' preset, or pass name patterns, e.g. ['*.bn*.weight']"
+        )
+    elif representative == "norm":
+        looked_for = (
+            "affine BatchNorm, GroupNorm, InstanceNorm or one-dimensional LayerNorm layers; "
+            "pass name patterns, e.g. ['*.norm*.weight']"
+        )
     else:
         looked_for = "pass name patterns that match model.named_parameters(), e.g. ['*.bn*.weight']"
     return ValueError(
