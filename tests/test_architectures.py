@@ -6,8 +6,8 @@ GPT-NeoX, BLOOM, Falcon, DeBERTa, Phi-3, ModernBERT), renamed split projections
 For each: the representative parts found (checked against what the model computes: the
 selected elements are exactly those that move its attention probabilities), one full
 search check whose packed masks obey the contract of a selection, and one truncated
-optimizer step on every backend that runs here, in which only the selection's pruned
-elements are scaled by ``r``.
+optimizer step on every (backend, device) that runs here (``backend_device``), in which
+only the selection's pruned elements are scaled by ``r``.
 """
 
 import copy
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.utils import RUNNABLE_BACKENDS, randn
+from tests.utils import randn
 from worm_fast import WormSGD, ops, prune
 from worm_fast.representative import ATTENTION_LAYOUTS, layout_of, representatives, select
 from worm_fast.search import EarlyBirdSearch
@@ -29,7 +29,6 @@ from worm_fast.selection import Representative, Selection
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
 
-CPU_BACKENDS = [name for name, device in RUNNABLE_BACKENDS if device == "cpu"]
 R = 3e-3
 IDS = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
 
@@ -284,7 +283,7 @@ def models() -> dict[str, nn.Module]:
 
 def selected_bool(part: Representative) -> torch.Tensor:
     """Which elements of the parameter the selection names, built from its ranges alone."""
-    selected = torch.zeros(part.param.shape, dtype=torch.bool)
+    selected = torch.zeros(part.param.shape, dtype=torch.bool, device=part.param.device)
     if part.selection is None:
         return selected.fill_(True)
     for start, stop in part.selection.ranges:
@@ -369,10 +368,10 @@ def test_norm_preset_takes_per_channel_norms_and_batchnorm_stays_the_papers(mode
 # -- one search check and one truncated step, on every backend ------------------------
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_one_check_and_one_truncated_step(case, backend, models):
-    model = copy.deepcopy(models[case])
+def test_one_check_and_one_truncated_step(case, backend_device, models):
+    backend, device = backend_device
+    model = copy.deepcopy(models[case]).to(device)
     optimizer = WormSGD(model.parameters(), lr=1.0, backend=backend)
     search = EarlyBirdSearch(
         model, optimizer, mode="truncate", truncation=R, prune_ratio=0.5,
@@ -394,7 +393,7 @@ def test_one_check_and_one_truncated_step(case, backend, models):
         assert torch.equal(kept, values[name].abs() > threshold), name
         assert ticket.packed[name].numel() == ops.packed_nbytes(part.numel)
         # The whole-parameter masks, the ticket's and the optimizer's: unselected kept.
-        expected = torch.ones(part.param.shape, dtype=torch.bool)
+        expected = torch.ones(part.param.shape, dtype=torch.bool, device=device)
         expected[selected[name]] = kept
         assert torch.equal(masks[name], expected), name
         held = optimizer.truncation_masks[part.param]
@@ -410,10 +409,10 @@ def test_one_check_and_one_truncated_step(case, backend, models):
     params = dict(model.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
     for i, param in enumerate(params.values()):
-        param.grad = randn(*param.shape, seed=10 + i)
+        param.grad = randn(*param.shape, seed=10 + i, device=device)
     optimizer.step()
     for name, param in params.items():
-        factor = torch.ones(param.shape)
+        factor = torch.ones(param.shape, device=device)
         if name in masks:
             factor[~masks[name]] = R
         torch.testing.assert_close(param.detach(), before[name] - param.grad * factor, msg=name)
