@@ -162,9 +162,9 @@ _GPT2 = ("GPT2Attention", "ImageGPTAttention", "DecisionTransformerGPT2Attention
 # Tried in order; the first layout whose query and key weights an attention module holds
 # (as 2-D parameters) is its layout.
 ATTENTION_LAYOUTS = (
-    AttentionLayout("BERT, RoBERTa, ALBERT, ELECTRA, HF ViT, Swin (HF)",
+    AttentionLayout("BERT, RoBERTa, ALBERT, ELECTRA",
                     ("query.weight", "key.weight", "value.weight")),
-    AttentionLayout("Llama, Gemma, Mistral, Qwen2, BART, OPT, CLIP, Whisper",
+    AttentionLayout("Llama, Gemma, Mistral, Qwen2, BART, OPT, CLIP, Whisper, HF ViT",
                     ("q_proj.weight", "k_proj.weight", "v_proj.weight")),
     AttentionLayout("T5, MPNet", ("q.weight", "k.weight", "v.weight")),
     AttentionLayout("DistilBERT, XLM, FlauBERT", ("q_lin.weight", "k_lin.weight", "v_lin.weight")),
