@@ -528,6 +528,16 @@ def test_an_unknown_attention_module_lists_its_weights_and_how_to_name_them():
     with pytest.raises(ValueError, match=message):
         representatives(model, "attention")
     assert list(select(model, ["*.wq.weight", "*.wk.weight"])) == ["1.wq.weight", "1.wk.weight"]
+    with pytest.raises(ValueError, match=r"representative=\['wq.weight', 'wk.weight'\]"):
+        representatives(WeirdAttention(), "attention")  # the model is the attention module
+
+
+def test_a_weight_shared_by_two_attention_modules_is_searched_once():
+    first, second = mha()(), mha()()
+    second.in_proj_weight = first.in_proj_weight
+    assert list(representatives(nn.ModuleList([first, second]), "attention")) == [
+        "0.in_proj_weight"
+    ]
 
 
 def test_a_layout_that_contradicts_the_config_is_refused(models):

@@ -99,7 +99,7 @@ def _grouped(
     )
 
 
-def _thirds(module: nn.Module, shape: torch.Size) -> tuple[Selection, ...]:
+def _stacked(module: nn.Module, shape: torch.Size) -> tuple[Selection, ...]:
     """``[Q; K; V]`` stacked rows: sizes from the model's config (grouped-query attention,
     e.g. Phi-3's ``qkv_proj``), else three equal blocks (timm, torchvision, ModernBERT)."""
     config = getattr(module, "config", None)
@@ -178,10 +178,10 @@ ATTENTION_LAYOUTS = (
     AttentionLayout("nn.MultiheadAttention (nn.Transformer*, torchvision ViT): rows",
                     ("in_proj_weight",) * 3, _in_proj, classes=("MultiheadAttention",)),
     AttentionLayout("torchvision Swin, timm ViT, BLIP, SAM: [Q; K; V] rows",
-                    ("qkv.weight",) * 3, _thirds),
-    AttentionLayout("ModernBERT, MPT: [Q; K; V] rows", ("Wqkv.weight",) * 3, _thirds),
+                    ("qkv.weight",) * 3, _stacked),
+    AttentionLayout("ModernBERT, MPT: [Q; K; V] rows", ("Wqkv.weight",) * 3, _stacked),
     AttentionLayout("Phi-3: [Q; K; V] rows, sizes from the config",
-                    ("qkv_proj.weight",) * 3, _thirds),
+                    ("qkv_proj.weight",) * 3, _stacked),
     AttentionLayout("GPT-2 cross-attention: q_attn, then c_attn columns [K, V]",
                     ("q_attn.weight", "c_attn.weight", "c_attn.weight"), _gpt2_cross,
                     classes=_GPT2),
@@ -239,7 +239,7 @@ def _projections(module: nn.Module) -> dict[str, nn.Parameter]:
 
 def _unknown_attention(name: str, module: nn.Module, weights: Mapping) -> ValueError:
     listed = ", ".join(f"{path} {list(w.shape)}" for path, w in weights.items())
-    leaf = name.rpartition(".")[2] or name
+    prefix = f"*.{name.rpartition('.')[2]}." if name else ""
     first, second = list(weights)[:2]
     known = "; ".join(f"{', '.join(layout.weights[:2])} ({layout.models})"
                       for layout in ATTENTION_LAYOUTS)  # fmt: skip
@@ -247,7 +247,7 @@ def _unknown_attention(name: str, module: nn.Module, weights: Mapping) -> ValueE
         f"attention module {name!r} ({type(module).__name__}) has projection weights "
         f"{listed}, but no layout of worm_fast.representative.ATTENTION_LAYOUTS says which "
         f"are query and key. Name them with patterns over model.named_parameters(), e.g. "
-        f"representative=['*.{leaf}.{first}', '*.{leaf}.{second}'] if those are its query "
+        f"representative=['{prefix}{first}', '{prefix}{second}'] if those are its query "
         f"and key. Known query, key weights: {known}"
     )
 
@@ -328,9 +328,10 @@ def representatives(
     """The representative parameters and the elements of each that are searched, by
     name, in a stable order.
 
-    Given a module, ``representative`` is a preset or a list of name patterns; given
+    Given a module, ``representative`` is a preset or a list of name patterns (a
+    parameter shared by several modules counts once, under its first name); given
     parameters directly (a list, or a name → parameter or ``Representative`` mapping),
-    they are all used. No parameter may appear twice.
+    they are all used, and none may be given twice.
     """
     if isinstance(model_or_params, Mapping):
         chosen = dict(model_or_params)
@@ -354,18 +355,17 @@ def representatives(
         if isinstance(model_or_params, nn.Module):
             raise _none_found(model_or_params, representative)
         raise ValueError("no representative parameters were given")
-    parts = {
-        name: part if isinstance(part, Representative) else Representative(part, name=name)
-        for name, part in chosen.items()
-    }
-    seen: dict[int, str] = {}
-    for name, part in parts.items():
+    parts, seen = {}, {}
+    for name, part in chosen.items():
+        part = part if isinstance(part, Representative) else Representative(part, name=name)
         if id(part.param) in seen:
+            if isinstance(model_or_params, nn.Module):
+                continue  # shared between modules: searched and truncated once
             raise ValueError(
                 f"representative parameters {seen[id(part.param)]!r} and {name!r} are the same "
                 "tensor; give each parameter once (a Selection names several blocks of one)"
             )
-        seen[id(part.param)] = name
+        parts[name], seen[id(part.param)] = part, name
     return parts
 
 

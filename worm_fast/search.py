@@ -330,7 +330,8 @@ class EarlyBirdSearch:
             )
         self._check_parameters_unchanged()
         cfg = self.config
-        tensors = self._values()
+        with torch.no_grad():  # a gathered selection needs no autograd record here
+            tensors = self._values()
         try:
             newest = mask_ops.compute_masks(
                 tensors, cfg["prune_ratio"], scope=cfg["scope"], ties=cfg["ties"],
