@@ -70,7 +70,10 @@ def _batchnorms(
         if attr != "weight" or not isinstance(module, _BATCHNORMS) or not module.affine:
             raise ValueError(
                 f"{name!r} is not the weight of an affine BatchNorm in "
-                f"{type(model).__name__}; channel masks are keyed like 'layer1.0.bn1.weight'"
+                f"{type(model).__name__}; channel masks are keyed like 'layer1.0.bn1.weight'. "
+                "Only BatchNorm channels can be removed: GroupNorm and LayerNorm normalize "
+                "across channels (removing one changes the others) and a fused attention "
+                "weight has no channels of its own; apply such tickets with apply_unstructured"
             )
         found[name] = (module, _check_mask(name, mask, module.weight.shape).cpu())
     return found

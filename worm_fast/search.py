@@ -41,7 +41,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 
 import torch
@@ -51,8 +51,9 @@ from worm_fast import backends, ops, radix_select
 from worm_fast import masks as mask_ops
 from worm_fast.penalty import PenaltySettings, soft_mask_constants
 from worm_fast.presets import PAPER_CNN
-from worm_fast.representative import select as select_representative
+from worm_fast.representative import representatives as find_representatives
 from worm_fast.rl.observation import ACTIONS, STOP, TRIGGER, CheckFeatures, ObservationLayout
+from worm_fast.selection import Selection
 
 MODES = ("eb", "truncate", "worm", "gradient", "rl")
 # When the first mask is taken: after the first trained epoch, or at initialization (the
@@ -125,24 +126,46 @@ class CheckRecord:
 
 @dataclass
 class Ticket:
-    """The converged masks: packed (DESIGN §3.1) by representative parameter name."""
+    """The converged masks: packed (DESIGN §3.1) by representative parameter name.
+
+    A parameter searched in part (a fused attention projection) has a ``selections``
+    entry; its packed mask covers the selected elements only, in the parameter's
+    row-major order (:mod:`worm_fast.selection`).
+    """
 
     epoch: int  # trained epochs behind the masks
     packed: dict[str, torch.Tensor]
-    shapes: dict[str, torch.Size]
+    shapes: dict[str, torch.Size]  # the parameters' shapes
+    selections: dict[str, Selection] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # saved tickets hold selections as dicts
+        self.selections = {
+            name: Selection.from_state(selection) for name, selection in self.selections.items()
+        }
+
+    def selected_shape(self, name: str) -> torch.Size:
+        """The shape of the elements of parameter ``name`` that its mask covers."""
+        selection = self.selections.get(name)
+        shape = self.shapes[name]
+        return shape if selection is None else selection.selected_shape(shape)
 
     def bool_masks(self) -> dict[str, torch.Tensor]:
-        """Bool masks of each parameter's shape, True = kept."""
-        return {
-            name: ops.unpack_mask(mask, self.shapes[name].numel()).view(self.shapes[name])
-            for name, mask in self.packed.items()
-        }
+        """Bool masks of each parameter's shape, True = kept; elements outside a
+        parameter's selection are kept (``prune.apply_unstructured`` leaves them)."""
+        masks = {}
+        for name, packed in self.packed.items():
+            shape = self.selected_shape(name)
+            kept = ops.unpack_mask(packed, shape.numel()).view(shape)
+            selection = self.selections.get(name)
+            masks[name] = kept if selection is None else selection.expand(kept, self.shapes[name])
+        return masks
 
     @property
     def density(self) -> float:
         """Fraction of representative elements kept."""
-        kept = sum(int(m.sum()) for m in self.bool_masks().values())
-        return kept / sum(shape.numel() for shape in self.shapes.values())
+        sizes = {name: self.selected_shape(name).numel() for name in self.packed}
+        kept = sum(int(ops.unpack_mask(m, sizes[name]).sum()) for name, m in self.packed.items())
+        return kept / sum(sizes.values())
 
 
 class EarlyBirdSearch:
@@ -187,6 +210,11 @@ class EarlyBirdSearch:
             does).
         max_checks: mode ``rl``: the checks the search may run at most (the epoch
             fraction the policy sees is checks run / max_checks).
+
+    ``params`` maps each representative name to its parameter, ``representatives`` to
+    the parameter and the elements of it that are searched: all of them, or a fused
+    attention projection's query and key rows or columns (:mod:`worm_fast.selection`),
+    whose other elements the optimizer never truncates.
 
     In modes ``truncate`` and ``worm`` (and ``rl`` with the trigger action) the optimizer
     must hold every representative parameter (it truncates their updates). Representative
@@ -243,7 +271,9 @@ class EarlyBirdSearch:
                 f"mode {mode!r} truncates gradients and needs an optimizer with "
                 f"set_truncation (worm_fast.WormSGD), got {type(optimizer).__name__}"
             )
-        self.params = select_representative(model_or_params, representative)
+        # Each representative: a parameter and the elements of it that are searched.
+        self.representatives = find_representatives(model_or_params, representative)
+        self.params = {name: part.param for name, part in self.representatives.items()}
         self._shapes = {name: p.shape for name, p in self.params.items()}
         self._device = _common_device(self.params)
         if backend is not None:
@@ -264,7 +294,7 @@ class EarlyBirdSearch:
         self.features: list[CheckFeatures] = []  # mode rl: what each check measured
         self.observation = None  # mode rl: what the policy saw at the last check
         self.backend = backend
-        numel = sum(p.numel() for p in self.params.values())
+        numel = sum(part.numel for part in self.representatives.values())
         if numel == 0:
             raise ValueError("the representative parameters have no elements")
         self.window = mask_ops.MaskWindow(window, numel, self._device)
@@ -300,7 +330,8 @@ class EarlyBirdSearch:
             )
         self._check_parameters_unchanged()
         cfg = self.config
-        tensors = list(self.params.values())
+        with torch.no_grad():  # a gathered selection needs no autograd record here
+            tensors = self._values()
         try:
             newest = mask_ops.compute_masks(
                 tensors, cfg["prune_ratio"], scope=cfg["scope"], ties=cfg["ties"],
@@ -343,7 +374,7 @@ class EarlyBirdSearch:
         if triggered_at is None and (cfg["mode"] == "truncate" or worm_trigger):
             r, triggered_at = cfg["truncation"], epoch
         if triggered_at is not None:  # checked and applied at once, or not at all
-            self.optimizer.set_truncation(dict(zip(tensors, newest)), r, packed=True)
+            self.optimizer.set_truncation(self._truncation_masks(newest), r, packed=True)
 
         self.window.push(row)
         self.r, self.triggered_at, self._newest = r, triggered_at, newest
@@ -378,7 +409,7 @@ class EarlyBirdSearch:
             return torch.zeros((), device=self.window.rows.device)
         held = self.window.rows[: min(self.window.count, self.window.length)]
         distance = ops.soft_mask_distance(
-            list(self.params.values()), held, *self.soft_constants, backend=self.backend
+            self._values(), held, *self.soft_constants, backend=self.backend
         )
         return self.penalty_settings.weight(len(self.records)) * distance
 
@@ -413,8 +444,7 @@ class EarlyBirdSearch:
                     f"set_truncation (worm_fast.WormSGD), got {type(self.optimizer).__name__}"
                 )
             r = self.config["truncation"]
-            masks = dict(zip(self.params.values(), self._newest))
-            self.optimizer.set_truncation(masks, r, packed=True)
+            self.optimizer.set_truncation(self._truncation_masks(self._newest), r, packed=True)
             self.r, self.triggered_at = r, record.epoch
             record = replace(record, r=r, triggered=True)
         self.records[-1] = record
@@ -427,8 +457,25 @@ class EarlyBirdSearch:
             raise RuntimeError("no check has run yet, so there is no mask")
         shapes = {name: p.shape for name, p in self.params.items()}
         packed = {name: m.clone() for name, m in zip(self.params, self._newest)}
+        selections = {
+            name: part.selection
+            for name, part in self.representatives.items()
+            if part.selection is not None
+        }
         # The trained epochs behind the newest mask (count: checks that made a mask).
-        return Ticket(self._epoch_of(self.window.count - 1), packed, shapes)
+        return Ticket(self._epoch_of(self.window.count - 1), packed, shapes, selections)
+
+    def _values(self) -> list[torch.Tensor]:
+        """The representative elements, read now (views, or gathered parts of fused
+        weights), in the representatives' order."""
+        return [part.values() for part in self.representatives.values()]
+
+    def _truncation_masks(self, packed: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """The optimizer's masks: over each whole parameter, unselected elements kept."""
+        return {
+            part.param: part.whole_mask(mask, backend=self.backend)
+            for part, mask in zip(self.representatives.values(), packed)
+        }
 
     def _epoch_of(self, check_index: int) -> int:
         """The trained epochs before check ``check_index`` (0-based), per ``first_check``."""
@@ -451,8 +498,8 @@ class EarlyBirdSearch:
 
     def _non_finite_message(self) -> str:
         bad = {
-            name: (int((~torch.isfinite(p.detach())).sum()), p.numel())
-            for name, p in self.params.items()
+            name: (int((~torch.isfinite(values.detach())).sum()), values.numel())
+            for name, values in zip(self.representatives, self._values())
         }
         found = [f"{name}: {n} of {total}" for name, (n, total) in bad.items() if n]
         listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
@@ -468,7 +515,7 @@ class EarlyBirdSearch:
             return
         p = self.config["prune_ratio"]
         sizes = [self.window.numel] if self.config["scope"] == "global" else [
-            t.numel() for t in self.params.values()
+            part.numel for part in self.representatives.values()
         ]  # fmt: skip
         expected = sum(n - int(n * p) for n in sizes)
         total = self.window.numel
@@ -542,8 +589,8 @@ class EarlyBirdSearch:
                 f"EarlyBirdSearch.load_state_dict: {len(newest)} saved masks for "
                 f"{len(self.params)} representative parameters"
             )
-        for (name, param), mask in zip(self.params.items(), newest):
-            expected = ops.packed_nbytes(param.numel())
+        for (name, part), mask in zip(self.representatives.items(), newest):
+            expected = ops.packed_nbytes(part.numel)
             if mask.dtype != torch.uint8 or mask.shape != (expected,):
                 raise ValueError(
                     f"EarlyBirdSearch.load_state_dict: the saved mask of {name!r} is "
@@ -558,7 +605,7 @@ class EarlyBirdSearch:
         if constants is not None:
             constants = tuple(t.to(self._device) for t in constants)
         if newest and triggered_at is not None and self.optimizer is not None:
-            self.optimizer.set_truncation(dict(zip(self.params.values(), newest)), r, packed=True)
+            self.optimizer.set_truncation(self._truncation_masks(newest), r, packed=True)
         self.window, self.r, self.triggered_at = window, float(r), triggered_at
         self.records, self._newest, self.ticket = records, newest, ticket
         self.features, self.soft_constants = features, constants

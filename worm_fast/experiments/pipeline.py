@@ -154,8 +154,9 @@ def run(
     )
     search = make_search(config, model, optimizer)
     penalty = search.penalty if config.mode == "gradient" else None
+    # The optimizer masks whole parameters; the search ranks only their selected elements.
     masked_numel = sum(p.numel() for p in search.params.values())
-    check_cost = mask_check_cost(masked_numel, window=config.window)
+    check_cost = mask_check_cost(search.window.numel, window=config.window)
     tested: dict[int, float] = {}
     try:
         if config.first_check == "init":  # the Early-Bird code's mask of the initialization
@@ -186,7 +187,7 @@ def run(
                                   masked_numel if truncating else 0)  # fmt: skip
                 profiler.add_work(mask_ops=check_cost)
                 if penalty is not None and held:
-                    cost = penalty_step_cost(masked_numel, rows=held) * trained.steps
+                    cost = penalty_step_cost(search.window.numel, rows=held) * trained.steps
                     profiler.add_work(mask_ops=cost)
             row.update(_check_columns(record))
             _publish(result, profiler, notify)

@@ -264,6 +264,7 @@ class WormCallback(TrainerCallback):
             "converged": converged,
             "packed": {key: mask.cpu() for key, mask in ticket.packed.items()},
             "shapes": {key: list(shape) for key, shape in ticket.shapes.items()},
+            "selections": {key: asdict(sel) for key, sel in ticket.selections.items()},
         }
         atomic_write(self.save_dir / name, lambda f: torch.save(payload, f))
 
@@ -308,4 +309,5 @@ def load_ticket(path: str | os.PathLike) -> Ticket:
         epoch=payload["check"],
         packed=payload["packed"],
         shapes={key: torch.Size(shape) for key, shape in payload["shapes"].items()},
+        selections=payload.get("selections", {}),  # saved before selections: none
     )
