@@ -213,6 +213,20 @@ def test_ddp_search_matches_one_process_with_the_ranks_micro_batches(tmp_path):
     assert reported == pytest.approx(twin_losses, rel=1e-5)
 
 
+def test_cnn_sweep_under_torchrun_starts_every_variant_identically(tmp_path):
+    args = ["sweep", "--truncations", "1", "0.1", *CNN_ARGS, "--first-check", "epoch",
+            "--epochs", "2", "--out", str(tmp_path)]  # fmt: skip
+    code, output = torchrun(*args)
+    assert code == 0, output
+    document = json.loads((tmp_path / "results.json").read_text())
+    plain, truncated = document["runs"]
+    assert (plain["variant"], truncated["variant"]) == ("r = 1", "r = 0.1")
+    assert {plain["status"], truncated["status"]} == {"complete"}
+    # Same weights, same batches: the first epoch, before any check, is the same.
+    assert plain["rows"][0]["batch_losses"] == truncated["rows"][0]["batch_losses"]
+    assert plain["rows"][1]["batch_losses"] != truncated["rows"][1]["batch_losses"]
+
+
 def test_text_compare_under_torchrun(tmp_path, tiny_checkpoint):  # noqa: F811
     args = ["compare", "--task", "rt-polarity", "--model-path", tiny_checkpoint,
             "--train-subset", "48", "--test-subset", "32", "--max-length", "32",
