@@ -91,8 +91,8 @@ class DataParallel:
 
     def describe(self) -> dict:
         """For results.json: how many ranks ran, and how they talked."""
-        return {"world_size": self.world_size,
-                "process_group": dist.get_backend() if dist.is_initialized() else None}  # fmt: skip
+        backend = dist.get_backend() if dist.is_initialized() else None
+        return {"world_size": self.world_size, "process_group": backend}
 
     def device(self, device: str) -> str:
         """The device this rank trains on: under torchrun ``cuda`` is ``cuda:LOCAL_RANK``."""

@@ -169,9 +169,9 @@ def run(
             model, test_loader, device=device, forward=forward, ks=ks, parallel=parallel
         )
 
-    def train(model, optimizer, description: str, **options):
+    def train(wrapped, optimizer, description: str, **options):
         return train_epoch(
-            model, train_loader, optimizer, device=device, forward=forward,
+            wrapped, train_loader, optimizer, device=device, forward=forward,
             progress=progress, description=description, parallel=parallel, **options,
         )  # fmt: skip
 
@@ -184,7 +184,7 @@ def run(
         config, optimizer, epochs=config.max_epochs, steps_per_epoch=len(train_loader)
     )
     search = make_search(config, model, optimizer)
-    trained_model = parallel.wrap(model)  # what the training steps go through
+    wrapped = parallel.wrap(model)  # the model as training steps see it: DDP's, under torchrun
     penalty = search.penalty if config.mode == "gradient" else None
     masked_numel = sum(p.numel() for p in search.params.values())
     check_cost = mask_check_cost(masked_numel, window=config.window)
@@ -200,7 +200,7 @@ def run(
             with profiler.phase("search"):
                 truncating = optimizer.truncation < 1.0
                 trained = train(
-                    trained_model, optimizer, f"{config.mode} search epoch {epoch}",
+                    wrapped, optimizer, f"{config.mode} search epoch {epoch}",
                     penalty=penalty if search.window.count else None, scheduler=scheduler,
                 )  # fmt: skip
                 tested = test_accuracies(model)
@@ -251,13 +251,13 @@ def run(
         scheduler = make_scheduler(
             config, optimizer, epochs=config.retrain_epochs, steps_per_epoch=len(train_loader)
         )
-        trained_model = parallel.wrap(model)  # pruning changed the parameters DDP holds
+        wrapped = parallel.wrap(model)  # pruning changed the parameters DDP holds
         retrained, retrain_wall = [], []
         for epoch in range(1, config.retrain_epochs + 1):
             with profiler.phase("retrain"):
                 started = time.perf_counter()
                 trained = train(
-                    trained_model, optimizer, f"{config.mode} retrain epoch {epoch}",
+                    wrapped, optimizer, f"{config.mode} retrain epoch {epoch}",
                     scheduler=scheduler,
                 )  # fmt: skip
                 retrained.append(test_accuracies(model))
