@@ -12,6 +12,14 @@ status 2: every option's range, the device and backend, the output folder (one r
 writes a folder at a time), and settings the model cannot satisfy (a representative
 pattern that matches nothing). A run whose training diverges stops with status 1, its
 results marked ``failed``.
+
+Under ``torchrun --nproc-per-node N`` (``search``, ``profile``, ``compare``, ``sweep``,
+``value-masking``) every rank runs the command on its part of the data, training in
+DistributedDataParallel (:mod:`worm_fast.experiments.parallel`); the ranks first check
+that they were given the same options, and rank 0 alone holds ``--out``, writes the
+results, draws progress bars and prints the tables. Errors are printed by every rank that
+meets them, and every collective times out (``--collective-timeout``), so one failing
+rank cannot leave the others waiting for ever.
 """
 
 import argparse
@@ -19,6 +27,7 @@ import json
 import math
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -36,6 +45,7 @@ from worm_fast.experiments.config import (
 )
 from worm_fast.experiments.data import DATASETS, TEXT_TASKS, DatasetNotFoundError
 from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, ModelNotFoundError
+from worm_fast.experiments.parallel import DEFAULT_TIMEOUT_SECONDS, SINGLE_PROCESS, DataParallel
 from worm_fast.experiments.pipeline import SetupError
 from worm_fast.experiments.presets import RUN_PRESETS
 from worm_fast.experiments.variants import (
@@ -221,6 +231,18 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="grid g CO2eq/kWh: with --pue, emissions are reported",
     )
     output.add_argument("--pue", type=float, help="data-centre power usage effectiveness")
+    ranks = parser.add_argument_group(
+        "under torchrun",
+        "`torchrun --nproc-per-node N -m worm_fast.cli ...` runs N data-parallel ranks "
+        "(DistributedDataParallel; gloo on the CPU, NCCL with --device cuda, one GPU per "
+        "rank): --batch-size is the global batch, split evenly over the ranks; rank 0 "
+        "writes the results",
+    )
+    ranks.add_argument(
+        "--collective-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
+        help="how long a rank waits for the others at a collective before it fails "
+        "(default: %(default)s)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,9 +354,10 @@ def _add_rl_commands(commands) -> None:
     train.add_argument("--seed", type=int, default=0, help="DQN's seed")
 
 
-def _config(args: argparse.Namespace) -> RunConfig:
+def _config(args: argparse.Namespace, parallel: DataParallel = SINGLE_PROCESS) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
     options = {k: v for k, v in vars(args).items() if k in names and k != "mode"}
+    options["device"] = parallel.device(options["device"])
     representative = options.get("representative")
     if representative is not None and len(representative) == 1 and representative[0] in PRESETS:
         options["representative"] = representative[0]
@@ -361,6 +384,9 @@ def _check_command_options(args: argparse.Namespace) -> None:
     for r in getattr(args, "truncations", ()):
         if not (math.isfinite(r) and 0.0 <= r <= 1.0):
             raise ValueError(f"--truncations must be in [0, 1], got {r}")
+    timeout = args.collective_timeout
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"--collective-timeout must be a number of seconds > 0, got {timeout}")
 
 
 def _check_out(out: Path) -> None:
@@ -381,30 +407,67 @@ def main(argv: list[str] | None = None) -> int:
         for name, status in backends.available().items():
             print(f"{name:10s} {'yes' if status.available else 'no ':3s} {status.reason}")
         return 0
+    try:
+        parallel = DataParallel.from_environment()
+        if parallel.launched and args.command == "rl":
+            raise ValueError(
+                f"`worm-fast rl {args.rl_command}` runs in one process: start it without torchrun"
+            )
+    except ValueError as error:
+        return _refuse(error)
     if args.command == "rl" and args.rl_command == "train":
         return _rl_train(args)
     try:
-        config = _config(args)
+        config = _config(args, parallel)
+        parallel.per_rank_batch(config.batch_size)
         _check_command_options(args)
         variants = {} if args.command == "rl" else _variants(args)
         check_variants(config, variants, runs=getattr(args, "runs", 1))
-        _check_out(args.out)
     except ValueError as error:
-        return _refuse(error)
-    try:
-        with exclusive_folder(args.out):
-            return _run(args, config, variants)
-    except FolderInUseError as error:
-        return _refuse(error)
+        return _refuse(error, parallel)
+    with parallel.process_group(config.device, timeout=args.collective_timeout):
+        try:
+            parallel.check_same_everywhere("command line", vars(args))
+        except ValueError as error:
+            return _refuse(error, parallel)
+        return _run_in_folder(args, config, variants, parallel)
 
 
-def _refuse(error: Exception) -> int:
-    print(f"worm-fast: {error}", file=sys.stderr)
+def _refuse(error: Exception | str, parallel: DataParallel = SINGLE_PROCESS) -> int:
+    print(f"{_speaker(parallel)}: {error}", file=sys.stderr)
     return 2
 
 
-def _run(args: argparse.Namespace, config: RunConfig, variants: dict[str, dict]) -> int:
-    environment = report.environment()
+def _speaker(parallel: DataParallel) -> str:
+    """``worm-fast``, and under torchrun which rank speaks."""
+    if not parallel.launched:
+        return "worm-fast"
+    return f"worm-fast (rank {parallel.rank} of {parallel.world_size})"
+
+
+def _run_in_folder(
+    args: argparse.Namespace, config: RunConfig, variants: dict[str, dict], parallel: DataParallel
+) -> int:
+    """Run with ``--out`` held by rank 0, the one that writes it; when rank 0 cannot
+    hold it, every rank refuses."""
+    with ExitStack() as folder:
+        refusal = None
+        if parallel.is_main:
+            try:
+                _check_out(args.out)
+                folder.enter_context(exclusive_folder(args.out))
+            except (ValueError, FolderInUseError) as error:
+                refusal = str(error)
+        refusal = parallel.gather(refusal)[0]  # rank 0's verdict, on every rank
+        if refusal is not None:
+            return _refuse(refusal, parallel)
+        return _run(args, config, variants, parallel)
+
+
+def _run(
+    args: argparse.Namespace, config: RunConfig, variants: dict[str, dict], parallel: DataParallel
+) -> int:
+    environment = {**report.environment(), "data_parallel": parallel.describe()}
 
     def save(document: dict) -> None:
         document["environment"] = environment
@@ -415,17 +478,23 @@ def _run(args: argparse.Namespace, config: RunConfig, variants: dict[str, dict])
     try:
         document = run_variants(
             config, variants, runs=getattr(args, "runs", 1), command=args.command,
-            progress=not args.no_progress, on_update=save,
+            progress=parallel.is_main and not args.no_progress,
+            on_update=save if parallel.is_main else None, parallel=parallel,
         )  # fmt: skip
     except (DatasetNotFoundError, ModelNotFoundError, SetupError, PolicyError) as error:
-        return _refuse(error)
+        return _refuse(error, parallel)
     except NonFiniteError as error:
-        print(f"worm-fast: run failed: {error}", file=sys.stderr)
-        print(f"results so far, marked failed, are in {args.out}/", file=sys.stderr)
+        print(f"{_speaker(parallel)}: run failed: {error}", file=sys.stderr)
+        if parallel.is_main:
+            print(f"results so far, marked failed, are in {args.out}/", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: results of the finished epochs are in {args.out}/", file=sys.stderr)
+        if parallel.is_main:
+            print(f"\ninterrupted: results of the finished epochs are in {args.out}/",
+                  file=sys.stderr)  # fmt: skip
         return 130
+    if not parallel.is_main:
+        return 0
     save(document)
     if not args.no_plots:
         report.plot_mask_distances(document, args.out / "mask_distance.png")

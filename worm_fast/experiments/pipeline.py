@@ -13,8 +13,15 @@ dense baseline). Retrain: the same optimizer, without truncation, for
 run is interrupted. A run whose training diverges (the search raises
 :class:`~worm_fast.search.NonFiniteError`) is marked ``failed``, with the reason, before
 the error propagates: it never prunes or reports a ticket.
+
+Under torchrun (``parallel``) every rank runs this loop on its part of the data, training
+through DistributedDataParallel (:mod:`worm_fast.experiments.parallel`); the search,
+the pruning and the evaluation see the unwrapped model, whose parameters DDP keeps
+identical on every rank, so every rank takes the same decisions and reports the same
+numbers. The ticket's ``ticket_sha256`` lets runs be compared for the same ticket.
 """
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +30,7 @@ import torch
 
 from worm_fast import prune
 from worm_fast.experiments.config import RunConfig, parse_restore_target
+from worm_fast.experiments.parallel import SINGLE_PROCESS, DataParallel
 from worm_fast.experiments.train import accuracies, train_epoch
 from worm_fast.experiments.workloads import (
     Workload,
@@ -38,9 +46,12 @@ from worm_fast.profiling import (
     penalty_step_cost,
     sgd_step_cost,
 )
-from worm_fast.search import EarlyBirdSearch, NonFiniteError
+from worm_fast.search import EarlyBirdSearch, NonFiniteError, Ticket
 
-__all__ = ["RunConfig", "RunResult", "SetupError", "check_setup", "run", "search_mode_options"]
+__all__ = [
+    "RunConfig", "RunResult", "SetupError", "check_setup", "run", "search_mode_options",
+    "ticket_digest",
+]  # fmt: skip
 
 
 class SetupError(ValueError):
@@ -81,6 +92,16 @@ def make_search(config: RunConfig, model, optimizer) -> EarlyBirdSearch:
         backend=None if config.backend == "auto" else config.backend,
         **search_mode_options(config),
     )  # fmt: skip
+
+
+def ticket_digest(ticket: Ticket) -> str:
+    """SHA-256 of a ticket's packed masks (DESIGN §3.1) and names, in name order: equal
+    for equal tickets, whatever device or process found them."""
+    digest = hashlib.sha256()
+    for name in sorted(ticket.packed):
+        digest.update(name.encode() + b"\0")
+        digest.update(ticket.packed[name].cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_setup(config: RunConfig, model) -> None:
@@ -126,8 +147,10 @@ def run(
     initial_state: dict | None = None,
     progress: bool = False,
     on_row: Callable[[RunResult], None] | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> RunResult:
-    """Search, prune and retrain once; ``initial_state`` fixes the initialization.
+    """Search, prune and retrain once; ``initial_state`` fixes the initialization;
+    ``parallel``: this process's rank under torchrun.
 
     With ``config.first_check == "init"`` the search checks the untrained model first
     (a row of epoch 0, without training columns). ``config.prune == "none"`` is the dense
@@ -136,13 +159,21 @@ def run(
     result = RunResult(config=asdict(config))
     notify = on_row or (lambda _: None)
     device = torch.device(config.device)
-    workload = build_workload(config, initial_state=initial_state)
+    workload = build_workload(config, initial_state=initial_state, parallel=parallel)
     model, forward = workload.model, workload.forward
     train_loader, test_loader = workload.train_loader, workload.eval_loader
     ks = (1,) if config.is_text else (1, 5)  # top-5 of a 2-class task says nothing
 
     def test_accuracies(model) -> dict[int, float]:
-        return accuracies(model, test_loader, device=device, forward=forward, ks=ks)
+        return accuracies(
+            model, test_loader, device=device, forward=forward, ks=ks, parallel=parallel
+        )
+
+    def train(wrapped, optimizer, description: str, **options):
+        return train_epoch(
+            wrapped, train_loader, optimizer, device=device, forward=forward,
+            progress=progress, description=description, parallel=parallel, **options,
+        )  # fmt: skip
 
     profiler = PhaseProfiler(device, carbon_intensity=config.carbon_intensity, pue=config.pue)
     costs = _Costs(workload, config)
@@ -153,6 +184,7 @@ def run(
         config, optimizer, epochs=config.max_epochs, steps_per_epoch=len(train_loader)
     )
     search = make_search(config, model, optimizer)
+    wrapped = parallel.wrap(model)  # the model as training steps see it: DDP's, under torchrun
     penalty = search.penalty if config.mode == "gradient" else None
     # The optimizer masks whole parameters; the search ranks only their selected elements.
     masked_numel = sum(p.numel() for p in search.params.values())
@@ -168,9 +200,8 @@ def run(
         for epoch in range(1, config.max_epochs + 1):
             with profiler.phase("search"):
                 truncating = optimizer.truncation < 1.0
-                trained = train_epoch(
-                    model, train_loader, optimizer, device=device, forward=forward,
-                    progress=progress, description=f"{config.mode} search epoch {epoch}",
+                trained = train(
+                    wrapped, optimizer, f"{config.mode} search epoch {epoch}",
                     penalty=penalty if search.window.count else None, scheduler=scheduler,
                 )  # fmt: skip
                 tested = test_accuracies(model)
@@ -221,13 +252,13 @@ def run(
         scheduler = make_scheduler(
             config, optimizer, epochs=config.retrain_epochs, steps_per_epoch=len(train_loader)
         )
+        wrapped = parallel.wrap(model)  # pruning changed the parameters DDP holds
         retrained, retrain_wall = [], []
         for epoch in range(1, config.retrain_epochs + 1):
             with profiler.phase("retrain"):
                 started = time.perf_counter()
-                trained = train_epoch(
-                    model, train_loader, optimizer, device=device, forward=forward,
-                    progress=progress, description=f"{config.mode} retrain epoch {epoch}",
+                trained = train(
+                    wrapped, optimizer, f"{config.mode} retrain epoch {epoch}",
                     scheduler=scheduler,
                 )  # fmt: skip
                 retrained.append(test_accuracies(model))
@@ -303,6 +334,7 @@ def _metrics(config, search, profiler, pre_pruned, pruned, retrained, retrain_wa
         params_before=params[0],
         params_after=params[1],
         ticket_density=None if config.prune == "none" else search.candidate().density,
+        ticket_sha256=None if config.prune == "none" else ticket_digest(search.candidate()),
     )
 
 

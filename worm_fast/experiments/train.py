@@ -4,7 +4,9 @@ A ``forward(model, batch, device) -> (logits, labels)`` says how a batch goes th
 the model: ``classify_images`` for ``(images, labels)`` batches, ``classify_tokens`` for
 the dict batches of Hugging Face sequence classifiers. Losses and correct counts
 accumulate on the device; the host reads them once per epoch, so the loop never waits
-on the GPU between batches.
+on the GPU between batches. Under torchrun (``parallel``) each rank trains and evaluates
+on its part of the data, and the sums are taken over all ranks in one collective, so
+every rank reports the whole run's numbers.
 """
 
 import time
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from worm_fast.experiments.parallel import SINGLE_PROCESS, DataParallel
 
 
 @dataclass
@@ -60,15 +64,17 @@ def train_epoch(
     description: str = "train",
     penalty: Callable[[], torch.Tensor] | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> EpochResult:
     """One pass over ``loader``. ``penalty`` (e.g. WORM-gradient's ``search.penalty``) is
     added to each step's loss; the losses reported are the task's alone. ``scheduler``
-    steps after every optimizer step."""
+    steps after every optimizer step. Under torchrun the loss and accuracy are over
+    every rank's samples, and each batch loss is the global batch's."""
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    samples, batch_losses = 0, []
+    samples, batch_losses, batch_sizes = 0, [], []
     for batch in tqdm(loader, desc=description, leave=False, disable=not progress):
         optimizer.zero_grad(set_to_none=True)
         logits, labels = forward(model, batch, device)
@@ -78,18 +84,25 @@ def train_epoch(
         if scheduler is not None:
             scheduler.step()
         batch_losses.append(loss.detach())
+        batch_sizes.append(labels.numel())
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.argmax(dim=1) == labels).sum()
         samples += labels.numel()
     if samples == 0:
         raise ValueError("the training loader yielded no batches")
+    # Per step, loss x samples in float64 (exact), so that one process reads back its
+    # own losses and ranks add up to the global batch's mean.
+    sizes = torch.tensor(batch_sizes, dtype=torch.float64, device=device)
+    weighted = torch.stack(batch_losses).double() * sizes
+    weighted, sizes, loss_sum, correct = parallel.sum(weighted, sizes, loss_sum, correct)
+    samples = int(sizes.sum().item())
     _sync(device)
     return EpochResult(
         loss=loss_sum.item() / samples,
         accuracy=100.0 * correct.item() / samples,
         seconds=time.perf_counter() - start,
         steps=len(batch_losses),
-        batch_losses=torch.stack(batch_losses).tolist(),
+        batch_losses=(weighted / sizes).tolist(),
     )
 
 
@@ -99,9 +112,10 @@ def evaluate(
     *,
     device: torch.device,
     forward: Forward = classify_images,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> float:
     """Top-1 accuracy in % over ``loader``, with the model in eval mode."""
-    return accuracies(model, loader, device=device, forward=forward, ks=(1,))[1]
+    return accuracies(model, loader, device=device, forward=forward, ks=(1,), parallel=parallel)[1]
 
 
 @torch.no_grad()
@@ -112,10 +126,14 @@ def accuracies(
     device: torch.device,
     forward: Forward = classify_images,
     ks: tuple[int, ...] = (1, 5),
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> dict[int, float]:
     """Top-k accuracy in % over ``loader`` for each k of ``ks`` (a sample counts when its
     label is among the k largest logits; top-1 is the argmax, ties to the first class),
-    in one pass with the model in eval mode."""
+    in one pass with the model in eval mode. Under torchrun ``loader`` is this rank's
+    shard, ``model`` the unwrapped module, evaluated with rank 0's buffers, and the
+    counts are summed over the ranks."""
+    parallel.share_buffers(model)
     was_training = model.training
     model.eval()
     correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
@@ -132,6 +150,8 @@ def accuracies(
         correct += torch.stack(hits)
         samples += labels.numel()
     model.train(was_training)
+    correct, total = parallel.sum(correct, torch.tensor(samples, device=device))
+    samples = int(total.item())
     if samples == 0:
         raise ValueError("the evaluation loader yielded no batches")
     return {k: 100.0 * count / samples for k, count in zip(ks, correct.tolist())}

@@ -17,6 +17,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
+from worm_fast.experiments.parallel import SINGLE_PROCESS, DataParallel
 from worm_fast.experiments.pipeline import RunConfig, RunResult, SetupError, check_setup, run
 from worm_fast.experiments.workloads import initial_model
 from worm_fast.rl.policy import check_held_out, load_policy
@@ -152,8 +153,10 @@ def run_variants(
     command: str = "compare",
     progress: bool = False,
     on_update: Callable[[dict], None] | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> dict:
-    """Run every variant for ``runs`` seeds (``base.seed``, +1, …); the results document."""
+    """Run every variant for ``runs`` seeds (``base.seed``, +1, …); the results document.
+    Under torchrun (``parallel``) every rank runs them all, each on its part of the data."""
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
     configs = check_variants(base, variants, runs=runs)
@@ -187,7 +190,7 @@ def run_variants(
             result = RunResult(config=asdict(config))
             try:
                 result = run(
-                    config, initial_state=start, progress=progress,
+                    config, initial_state=start, progress=progress, parallel=parallel,
                     on_row=lambda partial, entry=entry: publish(entry, partial),
                 )  # fmt: skip
             except KeyboardInterrupt:

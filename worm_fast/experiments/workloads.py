@@ -3,7 +3,8 @@
 Image runs (``config.dataset``) train a CIFAR-style CNN from scratch on ``(images,
 labels)`` batches. Text runs (``config.task``) fine-tune a pretrained transformer with a
 new classification head on tokenized batches padded to their longest sequence. The
-pipeline's search → prune → retrain loop is the same for both.
+pipeline's search → prune → retrain loop is the same for both. Under torchrun the
+loaders hold this rank's part of the data (:mod:`worm_fast.experiments.parallel`).
 """
 
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from worm_fast.experiments.data import (
     TokenizedText,
     load_dataset,
     load_text_task,
-    make_loader,
     random_subset,
 )
 from worm_fast.experiments.models import build_model, load_classifier, load_tokenizer
+from worm_fast.experiments.parallel import SINGLE_PROCESS, DataParallel
 from worm_fast.experiments.train import Forward, classify_images, classify_tokens
 from worm_fast.optim import TruncatingOptimizer, WormAdamW, WormSGD
 
@@ -43,10 +44,16 @@ class Workload:
     eval_samples: int
 
 
-def build_workload(config: RunConfig, *, initial_state: dict | None = None) -> Workload:
-    """The run's model (initialized from ``config.seed``, or ``initial_state``) and data."""
+def build_workload(
+    config: RunConfig,
+    *,
+    initial_state: dict | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
+) -> Workload:
+    """The run's model (initialized from ``config.seed``, or ``initial_state``) and data
+    (``parallel``'s part of it: this rank's)."""
     torch.manual_seed(config.seed)
-    workload = _text(config) if config.is_text else _images(config)
+    workload = _text(config, parallel) if config.is_text else _images(config, parallel)
     if initial_state is not None:
         workload.model.load_state_dict(initial_state)
     workload.model.to(config.device)
@@ -87,7 +94,7 @@ def _train_size(config: RunConfig) -> int | None:
     return None if config.train_subset == "all" else config.train_subset
 
 
-def _images(config: RunConfig) -> Workload:
+def _images(config: RunConfig, parallel: DataParallel) -> Workload:
     train_set, test_set, info = load_dataset(
         config.dataset, data_dir=config.data_dir, train_subset=_train_size(config),
         test_subset=config.test_subset, seed=config.seed,
@@ -98,8 +105,8 @@ def _images(config: RunConfig) -> Workload:
     )  # fmt: skip
     return Workload(
         model=model,
-        train_loader=make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed),
-        eval_loader=make_loader(test_set, IMAGE_EVAL_BATCH_SIZE, shuffle=False, seed=config.seed),
+        train_loader=parallel.train_loader(train_set, config.batch_size, seed=config.seed),
+        eval_loader=parallel.eval_loader(test_set, IMAGE_EVAL_BATCH_SIZE, seed=config.seed),
         forward=classify_images,
         example_input=test_set[0][0].unsqueeze(0),
         train_samples=len(train_set),
@@ -107,7 +114,7 @@ def _images(config: RunConfig) -> Workload:
     )
 
 
-def _text(config: RunConfig) -> Workload:
+def _text(config: RunConfig, parallel: DataParallel) -> Workload:
     from transformers import DataCollatorWithPadding  # only text runs need transformers
 
     train, dev, task = load_text_task(config.task, data_dir=config.data_dir)
@@ -124,11 +131,11 @@ def _text(config: RunConfig) -> Workload:
     example = torch.zeros(1, round(train_set.mean_length()), dtype=torch.long)
     return Workload(
         model=model,
-        train_loader=make_loader(
-            train_set, config.batch_size, shuffle=True, seed=config.seed, collate_fn=pad
+        train_loader=parallel.train_loader(
+            train_set, config.batch_size, seed=config.seed, collate_fn=pad
         ),
-        eval_loader=make_loader(
-            dev_set, TEXT_EVAL_BATCH_SIZE, shuffle=False, seed=config.seed, collate_fn=pad
+        eval_loader=parallel.eval_loader(
+            dev_set, TEXT_EVAL_BATCH_SIZE, seed=config.seed, collate_fn=pad
         ),
         forward=classify_tokens,
         example_input=example,
