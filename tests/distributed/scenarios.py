@@ -149,7 +149,8 @@ def train_epoch(model, optimizer, epoch: int) -> None:
 
 
 SEARCH = dict(mode="truncate", window=3, stop_distance=0.05, trigger_margin=0.05,
-              prune_ratio=0.5)  # fmt: skip
+              prune_ratio=0.5, truncation=3e-3)  # fmt: skip
+OPTIMIZER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
 # ---------------------------------------------------------------------------- DDP
@@ -233,7 +234,7 @@ def fsdp(rank: int, world: int, tmp_path: Path) -> dict:
     result.update(fsdp_trajectories(rank, world, mesh))
     result.update(fsdp_thresholds(rank, world, mesh))
     result.update(fsdp_checkpoint(rank, world, mesh, tmp_path))
-    result.update(fsdp_training(rank, world, mesh))
+    result.update(fsdp_training(rank, world, mesh, tmp_path))
     result.update(fsdp_bad_input(rank, world, mesh))
     return result
 
@@ -330,36 +331,66 @@ def fsdp_checkpoint(rank: int, world: int, mesh, tmp_path: Path) -> dict:
     }
 
 
-def fsdp_training(rank: int, world: int, mesh) -> dict:
-    """FSDP2 training with WormSGD truncating local shards, against one process: the
-    same records, ticket and parameters."""
+def sharded_cnn_run(mesh):
+    """A sharded CNN, its WormSGD and its search."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     model = cnn()
-    reference = copy.deepcopy(model)
     fully_shard(model, mesh=mesh)
-    optimizer = WormSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    search = EarlyBirdSearch(model, optimizer, **SEARCH)
-    reference_optimizer = WormSGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    reference_search = EarlyBirdSearch(reference, reference_optimizer, process_group=None,
-                                       **SEARCH)  # fmt: skip
+    optimizer = WormSGD(model.parameters(), **OPTIMIZER)
+    return model, optimizer, EarlyBirdSearch(model, optimizer, **SEARCH)
+
+
+def fsdp_training(rank: int, world: int, mesh, tmp_path: Path) -> dict:
+    """FSDP2 training with WormSGD truncating local shards, against one process: the
+    same records, ticket and parameters; and a run resumed from a checkpoint of the
+    model, the optimizer (torch.distributed.checkpoint.state_dict) and the search goes
+    on exactly as the uninterrupted one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch.manual_seed(0)
+    reference = cnn()
+    reference_optimizer = WormSGD(reference.parameters(), **OPTIMIZER)
+    reference_search = EarlyBirdSearch(reference, reference_optimizer,
+                                       process_group=None, **SEARCH)  # fmt: skip
+    model, optimizer, search = sharded_cnn_run(mesh)
     for epoch in range(4):
         train_epoch(model, optimizer, epoch)
         train_epoch(reference, reference_optimizer, epoch)
         search.check()
         reference_search.check()
-    truncated = {name: mask.shape for name, mask in search.candidate().packed.items()}
-    return {
-        "training records": search.records,
+        if epoch == 1:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            saved = {"model": model_state, "optim": optimizer_state, "search": search.state_dict()}
+            dcp.save(saved, checkpoint_id=tmp_path / "training")
+    result = {
+        "training records": list(search.records),
         "training reference records": reference_search.records,
         "training candidate": packed(wdist.gather_ticket(search, search.candidate())),
         "training reference candidate": packed(reference_search.candidate()),
         "training values": full_values(model),
         "training reference values": full_values(reference),
-        "local mask bytes": truncated,
         "optimizer masks": [m.numel() for m in optimizer.truncation_masks.values()],
     }
+
+    resumed_model, resumed_optimizer, resumed = sharded_cnn_run(mesh)
+    model_state, optimizer_state = get_state_dict(resumed_model, resumed_optimizer)
+    state = {"model": model_state, "optim": optimizer_state, "search": resumed.state_dict()}
+    dcp.load(state, checkpoint_id=tmp_path / "training")
+    set_state_dict(resumed_model, resumed_optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])  # fmt: skip
+    # torch's optimizer state dict keeps no truncation: the search hands it back.
+    result["truncation after the optimizer loaded"] = resumed_optimizer.truncation
+    resumed.load_state_dict(state["search"])
+    result["truncation after the search loaded"] = resumed_optimizer.truncation
+    for epoch in range(2, 4):
+        train_epoch(resumed_model, resumed_optimizer, epoch)
+        resumed.check()
+    result["resumed training records"] = resumed.records
+    result["resumed training values"] = full_values(resumed_model)
+    return result
 
 
 def fsdp_bad_input(rank: int, world: int, mesh) -> dict:

@@ -107,6 +107,16 @@ def test_training_on_local_shards_equals_one_process(ranks):
         assert result["optimizer masks"] == [8, 8]
 
 
+def test_training_resumed_from_a_checkpoint_goes_on_exactly(ranks):
+    for result in ranks:
+        assert result["truncation after the optimizer loaded"] == 1.0
+        assert result["truncation after the search loaded"] == scenarios.SEARCH["truncation"]
+        assert result["resumed training records"] == result["training records"]
+        values, expected = result["resumed training values"], result["training values"]
+        for name, value in expected.items():
+            assert torch.equal(values[name], value), name
+
+
 def test_a_search_built_before_fully_shard_refuses_to_check(ranks):
     for result in ranks:
         kind, message = result["built before fully_shard"]
