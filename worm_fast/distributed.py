@@ -272,9 +272,7 @@ class Sharded(_Group):
         self.mesh = mesh
         self.shapes = [param.shape for param in params.values()]
         self.numels = [param.numel() for param in params.values()]
-        self.local_numels = [
-            self.chunk_numel(shape, self.rank) for shape in self.shapes
-        ]  # fmt: skip
+        self.local_numels = [self.chunk_numel(shape, self.rank) for shape in self.shapes]
         for (name, param), numel in zip(params.items(), self.local_numels):
             if param.to_local().numel() != numel:
                 raise ValueError(
@@ -285,8 +283,8 @@ class Sharded(_Group):
         self.shards = self
 
     def chunk_numel(self, shape: torch.Size, rank: int) -> int:
-        rows = shape[0] if len(shape) else 1
-        return _chunk_rows(rows, self.world, rank) * (math.prod(shape) // max(rows, 1))
+        """Elements of a tensor of ``shape`` that ``rank`` holds."""
+        return _chunk_rows(shape[0], self.world, rank) * math.prod(shape[1:])
 
     def agree(self, description: Mapping) -> None:
         super().agree(description, empty=sum(self.local_numels) == 0)
@@ -413,8 +411,6 @@ class Sharded(_Group):
 
     def _local_shape(self, index: int) -> torch.Size:
         shape = self.shapes[index]
-        if not len(shape):
-            return shape
         return torch.Size([_chunk_rows(shape[0], self.world, self.rank), *shape[1:]])
 
     def gather_ticket(self, ticket):
