@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from worm_fast import WormSGD
+from worm_fast import WormAdamW, WormSGD
 from worm_fast import distributed as wdist
 from worm_fast import masks as mask_ops
 from worm_fast.representative import select
@@ -235,6 +235,7 @@ def fsdp(rank: int, world: int, tmp_path: Path) -> dict:
     result.update(fsdp_thresholds(rank, world, mesh))
     result.update(fsdp_checkpoint(rank, world, mesh, tmp_path))
     result.update(fsdp_training(rank, world, mesh, tmp_path))
+    result.update(fsdp_adamw(mesh))
     result.update(fsdp_bad_input(rank, world, mesh))
     return result
 
@@ -391,6 +392,25 @@ def fsdp_training(rank: int, world: int, mesh, tmp_path: Path) -> dict:
     result["resumed training records"] = resumed.records
     result["resumed training values"] = full_values(resumed_model)
     return result
+
+
+def fsdp_adamw(mesh) -> dict:
+    """FSDP2 training with WormAdamW truncating local shards equals one process."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = cnn()
+    reference = copy.deepcopy(model)
+    fully_shard(model, mesh=mesh)
+    runs = []
+    for net, group in ((model, wdist.WORLD), (reference, None)):
+        optimizer = WormAdamW(net.parameters(), lr=1e-2)
+        search = EarlyBirdSearch(net, optimizer, process_group=group, **SEARCH)
+        for epoch in range(2):
+            search.check()  # truncating from the first check
+            train_epoch(net, optimizer, epoch)
+        runs.append((search.records, full_values(net)))
+    return {"adamw": runs}
 
 
 def fsdp_bad_input(rank: int, world: int, mesh) -> dict:

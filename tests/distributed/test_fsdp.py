@@ -107,6 +107,14 @@ def test_training_on_local_shards_equals_one_process(ranks):
         assert result["optimizer masks"] == [8, 8]
 
 
+def test_training_with_wormadamw_on_local_shards_equals_one_process(ranks):
+    for result in ranks:
+        (records, values), (expected_records, expected) = result["adamw"]
+        assert records == expected_records and records[0].r < 1
+        for name, value in expected.items():
+            assert torch.equal(values[name], value), name
+
+
 def test_training_resumed_from_a_checkpoint_goes_on_exactly(ranks):
     for result in ranks:
         assert result["truncation after the optimizer loaded"] == 1.0
