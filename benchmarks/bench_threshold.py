@@ -48,9 +48,10 @@ def bert_base_query_key(quick: bool, device: torch.device) -> tuple[str, dict[st
     return f"{2 * layers} x {hidden}x{hidden} fp32", weights
 
 
-def kthvalue_threshold(tensors, prune_ratio: float, *, backend=None) -> torch.Tensor:
+def kthvalue_threshold(tensors, prune_ratio: float, *, backend=None, shards=None) -> torch.Tensor:
     """``masks.global_threshold`` before ``radix_select``: a float32 copy of every
-    magnitude, then ``kthvalue``."""
+    magnitude, then ``kthvalue`` (one process: ``shards`` is None)."""
+    assert shards is None, "the baseline selects in one process"
     magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
     return magnitudes.kthvalue(int(magnitudes.numel() * prune_ratio) + 1).values
 

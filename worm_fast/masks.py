@@ -7,10 +7,14 @@ selection's NaN count (to refuse NaN) and the caller's once-per-check stop decis
 """
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from worm_fast import ops, radix_select
+
+if TYPE_CHECKING:
+    from worm_fast.distributed import Sharded
 
 SCOPES = ("global", "per_tensor")
 # How elements whose magnitude equals the threshold are decided (compute_masks).
@@ -23,16 +27,22 @@ def check_prune_ratio(prune_ratio: float) -> None:
 
 
 def global_threshold(
-    tensors: Sequence[torch.Tensor], prune_ratio: float, *, backend: str | None = None
+    tensors: Sequence[torch.Tensor],
+    prune_ratio: float,
+    *,
+    backend: str | None = None,
+    shards: "Sharded | None" = None,
 ) -> torch.Tensor:
     """The value at position ``int(total * prune_ratio)`` of the sorted ``|w|`` of all
     ``tensors`` together (the original Early-Bird rule), exactly, as a 0-d tensor in their
-    dtype on their device. Raises ``ValueError`` on NaN (see ``radix_select``)."""
+    dtype on their device. Raises ``ValueError`` on NaN (see ``radix_select``).
+    ``shards``: see :func:`compute_masks`."""
     check_prune_ratio(prune_ratio)
-    total = sum(t.numel() for t in tensors)
+    total = sum(t.numel() for t in tensors) if shards is None else sum(shards.numels)
     if total == 0:
         raise ValueError("cannot compute a threshold over zero elements")
-    return radix_select.kth_magnitudes(tensors, [int(total * prune_ratio)], backend=backend)[0]
+    position = [int(total * prune_ratio)]
+    return radix_select.kth_magnitudes(tensors, position, backend=backend, shards=shards)[0]
 
 
 def compute_masks(
@@ -42,6 +52,7 @@ def compute_masks(
     scope: str = "global",
     ties: str = "early_bird",
     backend: str | None = None,
+    shards: "Sharded | None" = None,
 ) -> list[torch.Tensor]:
     """Packed masks over each tensor, with one threshold over all of them
     (``scope="global"``) or one per tensor (``"per_tensor"``).
@@ -52,51 +63,80 @@ def compute_masks(
     ``prune_ratio``. ``ties="exact"``: exactly ``int(total * prune_ratio)`` elements are
     pruned, the smallest magnitudes, and among equal ones those of lower index (the
     tensors' order, then row-major) first.
+
+    ``shards`` (``worm_fast.distributed.Sharded``): ``tensors`` are this process's
+    ``Shard(0)`` chunks of larger tensors, and the masks are those of the whole tensors
+    restricted to the chunks: thresholds over the whole tensors (all-reduced histograms)
+    and, with ``ties="exact"``, the tie order of the whole (chunks in rank order), with
+    one all-gather of counts. Every process of the shards must call it.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     tensors = [t.detach() for t in tensors]
+    numels = [t.numel() for t in tensors] if shards is None else shards.numels
     if scope == "global":
-        groups = [tensors]
-        thresholds = [global_threshold(tensors, prune_ratio, backend=backend)]
+        groups = [list(range(len(tensors)))]
+        thresholds = [global_threshold(tensors, prune_ratio, backend=backend, shards=shards)]
     else:
         check_prune_ratio(prune_ratio)
-        if any(t.numel() == 0 for t in tensors):
+        if 0 in numels:
             raise ValueError("cannot compute a threshold over zero elements")
-        groups = [[t] for t in tensors]
-        positions = [int(t.numel() * prune_ratio) for t in tensors]
+        groups = [[i] for i in range(len(tensors))]
+        positions = [int(n * prune_ratio) for n in numels]
         thresholds = radix_select.kth_magnitudes(
-            tensors, positions, per_tensor=True, backend=backend
+            tensors, positions, per_tensor=True, backend=backend, shards=shards
         )
-    masks = []
-    for group, threshold in zip(groups, thresholds):
-        if ties == "early_bird":
-            masks += [ops.pack_mask(t, threshold, backend=backend) for t in group]
-        else:
-            kept = _exact_count_kept(group, threshold, prune_ratio)
-            masks += [ops.pack_mask(k, 0.5, backend=backend) for k in kept]
-    return masks
+    if ties == "early_bird":
+        return [
+            ops.pack_mask(tensors[i], threshold, backend=backend)
+            for group, threshold in zip(groups, thresholds)
+            for i in group
+        ]
+    kept = _exact_count_kept(tensors, numels, groups, thresholds, prune_ratio, shards)
+    return [ops.pack_mask(k, 0.5, backend=backend) for k in kept]
 
 
 def _exact_count_kept(
-    tensors: Sequence[torch.Tensor], threshold: torch.Tensor, prune_ratio: float
+    tensors: Sequence[torch.Tensor],
+    numels: Sequence[int],
+    groups: Sequence[Sequence[int]],
+    thresholds: Sequence[torch.Tensor],
+    prune_ratio: float,
+    shards: "Sharded | None",
 ) -> list[torch.Tensor]:
-    """Bool masks keeping all but the ``int(total * prune_ratio)`` smallest magnitudes,
-    ties at ``threshold`` (that count's smallest magnitude) pruned by lower index first.
+    """Bool masks keeping all but the ``int(n * prune_ratio)`` smallest magnitudes of each
+    group of tensors (``n`` its elements), ties at its threshold (that count's smallest
+    magnitude) pruned by lower index first.
 
     On the device, without a host round trip: every magnitude below the threshold is
-    pruned, and of those equal to it the first ``pruned - below`` in index order.
+    pruned, and of those equal to it the first ``pruned - below`` in index order: the
+    group's tensors in turn, each row-major (sharded: its chunks in rank order, so the
+    ties before a chunk are the whole earlier tensors' and the earlier ranks' chunks').
     """
+    threshold_of = {i: threshold for group, threshold in zip(groups, thresholds) for i in group}
+    threshold_of = [threshold_of[i] for i in range(len(tensors))]
     # In the threshold's dtype (the tensors', promoted if they differ), as it was selected.
-    magnitudes = torch.cat([t.reshape(-1).abs() for t in tensors]).to(threshold.dtype)
-    pruned = int(magnitudes.numel() * prune_ratio)
-    below = (magnitudes < threshold).sum()
-    tied = magnitudes == threshold
-    rank_among_tied = tied.cumsum(0) - 1
-    kept = (magnitudes > threshold) | (tied & (rank_among_tied >= pruned - below))
-    return [k.view(t.shape) for k, t in zip(kept.split([t.numel() for t in tensors]), tensors)]
+    magnitudes = [t.reshape(-1).abs().to(th.dtype) for t, th in zip(tensors, threshold_of)]
+    tied = [m == t for m, t in zip(magnitudes, threshold_of)]
+    below = [(m < t).sum() for m, t in zip(magnitudes, threshold_of)]
+    local = torch.stack(below + [t.sum() for t in tied])  # per tensor: below, then tied
+    every = local.unsqueeze(0) if shards is None else shards.all_gather(local)  # [ranks, ...]
+    rank = 0 if shards is None else shards.rank
+    total, earlier_ranks = every.sum(0), every[:rank].sum(0)
+    count = len(tensors)
+    kept = [None] * count
+    for group in groups:
+        pruned = int(sum(numels[i] for i in group) * prune_ratio)
+        group_below = total[list(group)].sum()
+        tied_before = torch.zeros((), dtype=torch.int64, device=total.device)
+        for i in group:
+            rank_among_tied = tied[i].cumsum(0) - 1 + tied_before + earlier_ranks[count + i]
+            chosen = tied[i] & (rank_among_tied >= pruned - group_below)
+            kept[i] = ((magnitudes[i] > threshold_of[i]) | chosen).view(tensors[i].shape)
+            tied_before = tied_before + total[count + i]
+    return kept
 
 
 class MaskWindow:

@@ -21,7 +21,9 @@ Counts add up, over the tensors of one call and over processes: a sharded select
 passes ``select_keys`` a ``histogram`` that all-reduces each pass's counts (with the
 global positions and element counts), and every rank gets the key of the whole, the
 same bits as one process; only the number of passes can differ (the sample's blocks
-start at each shard)::
+start at each shard). ``kth_magnitudes(..., shards=...)`` does this for FSDP2 shards
+(``worm_fast.distributed.Sharded``, without the sample, whose 2**16 counts would cross
+processes), as in this sketch::
 
     import torch
     from worm_fast import ops
@@ -50,11 +52,15 @@ start at each shard)::
 """
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from worm_fast import ops
 from worm_fast._ops import MAGNITUDE_KEYS, MAX_HISTOGRAM_BITS
+
+if TYPE_CHECKING:
+    from worm_fast.distributed import Sharded
 
 __all__ = [
     "Histogram",
@@ -73,12 +79,19 @@ SAMPLE_STRIDE = 16  # the guess counts every 16th block of 64 elements
 SAMPLE_BITS = 16  # ... by the top 16 bits of their keys
 GUESS_MARGIN = 4.0  # binomial standard deviations of the sampled position, on each side
 GUESS_MIN_ELEMENTS = 1 << 20  # below this, the plain passes take well under a millisecond
+# Digit bits of a pass whose counts are all-reduced over shards: three passes of
+# 2**11 + 2 counts (16 KiB) select a float32 key, where two one-process passes (16 bits)
+# would all-reduce 512 KiB each.
+SHARDED_PASS_BITS = 11
 
 
-def pass_bits(device: torch.device, rows: int) -> int:
+def pass_bits(device: torch.device, rows: int, *, sharded: bool = False) -> int:
     """Digit bits of a plain pass: 16 for one histogram on the CPU (two passes cover a
     float32 key, and each thread's counts stay in its L2 cache), else 12 (a row per
-    tensor stays small, and a GPU block's counts fit in shared memory)."""
+    tensor stays small, and a GPU block's counts fit in shared memory); 11 when the
+    counts are all-reduced over shards (SHARDED_PASS_BITS)."""
+    if sharded:
+        return SHARDED_PASS_BITS
     return 16 if device.type == "cpu" and rows == 1 else 12
 
 
@@ -200,6 +213,7 @@ def kth_magnitudes(
     per_tensor: bool = False,
     backend: str | None = None,
     guess: bool | None = None,
+    shards: "Sharded | None" = None,
 ) -> torch.Tensor:
     """The value at position ``positions[r]`` (0-based) of the sorted ``|x|`` of all
     ``tensors`` together (one position, ``per_tensor=False``) or of ``tensors[r]`` (one
@@ -210,6 +224,11 @@ def kth_magnitudes(
     Raises ``ValueError`` when a tensor holds a NaN: magnitudes with a NaN have no
     order, so no threshold over them is meaningful. ``guess``: None = where it pays
     (large inputs on the CPU); True / False force it (tests).
+
+    ``shards``: ``tensors`` are this process's shards of larger tensors
+    (``worm_fast.distributed.Sharded``); positions count in the whole tensors, every
+    pass's counts are all-reduced, and every process gets the same values (a NaN on any
+    shard raises on every process).
     """
     tensors = [t.detach() for t in tensors]
     if not tensors:
@@ -224,7 +243,8 @@ def kth_magnitudes(
         dtype = torch.promote_types(dtype, tensor.dtype)
     tensors = [t.to(dtype) for t in tensors]  # a copy only where the dtypes are mixed
     device = tensors[0].device
-    totals = [t.numel() for t in tensors] if per_tensor else [sum(t.numel() for t in tensors)]
+    numels = [t.numel() for t in tensors] if shards is None else shards.numels
+    totals = numels if per_tensor else [sum(numels)]
     positions = list(positions)
     if len(positions) != len(totals):
         raise ValueError(
@@ -239,10 +259,11 @@ def kth_magnitudes(
     key = MAGNITUDE_KEYS[dtype]
     rows = len(totals)
     if guess is None:
-        guess = guess_pays(device, totals)
+        guess = shards is None and guess_pays(device, totals)
 
     def histogram(lo: torch.Tensor, shift: int, bits: int, stride: int) -> torch.Tensor:
-        return ops.magnitude_histogram(tensors, lo, shift, bits, stride=stride, backend=backend)
+        counts = ops.magnitude_histogram(tensors, lo, shift, bits, stride=stride, backend=backend)
+        return counts if shards is None else shards.all_reduce(counts)
 
     as_tensor = dict(dtype=torch.int64, device=device)
     keys, nans = select_keys(
@@ -250,7 +271,7 @@ def kth_magnitudes(
         key.bits,
         torch.tensor(positions, **as_tensor),
         torch.tensor(totals, **as_tensor),
-        bits_per_pass=pass_bits(device, rows),
+        bits_per_pass=pass_bits(device, rows, sharded=shards is not None),
         guess=guess,
     )
     refuse_nans(nans, per_tensor)

@@ -17,10 +17,17 @@ columns of one (a fused attention projection), see :mod:`worm_fast.selection`.
   outside attention is never picked.
 * a list of name patterns (``fnmatch`` style, e.g. ``"layer*.bn1.weight"``), or a list /
   mapping of parameters (or of :class:`~worm_fast.selection.Representative` parts).
+
+Names are those of the original model: the wrappers of ``torch.compile``
+(``_orig_mod.``), ``DistributedDataParallel`` and ``DataParallel`` (``module.``) are
+looked through wherever they sit, so a search (its records, state and ticket) over a
+wrapped model names the same parameters as one over the bare model, and patterns are
+written for the bare model.
 """
 
 import fnmatch
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +48,50 @@ _PER_CHANNEL_NORMS = (
 )
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module inside any wrappers of ``torch.compile``, DDP or DataParallel."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            module = module.module
+            continue
+        # Loaded by torch.compile, so a model it wrapped implies it (importing it costs ~1 s).
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+            module = module._orig_mod
+            continue
+        return module
+
+
+def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` under the original model's names: wrappers looked through."""
+    seen = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        module = unwrapped(module)
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        for name, child in module.named_children():
+            yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    return walk(model, "")
+
+
+def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` under the original model's names."""
+    seen = set()
+    for prefix, module in named_modules(model):
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield (f"{prefix}.{name}" if prefix else name), param
+
+
 def batchnorm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {
         f"{name}.weight": module.weight
-        for name, module in model.named_modules()
+        for name, module in named_modules(model)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None
     }
 
@@ -54,7 +101,7 @@ def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     order."""
     return {
         f"{name}.weight" if name else "weight": module.weight
-        for name, module in model.named_modules()
+        for name, module in named_modules(model)
         if isinstance(module, _PER_CHANNEL_NORMS)
         and isinstance(module.weight, nn.Parameter)
         and module.weight.dim() == 1
@@ -258,7 +305,7 @@ def attention_parts(model: nn.Module, *, include_value: bool = False) -> dict[st
     parts are one selection)."""
     found: dict[str, Representative] = {}
     roles = slice(0, 3 if include_value else 2)
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if not _is_attention(module):
             continue
         layout = layout_of(module)
@@ -290,7 +337,7 @@ def matching(model: nn.Module, patterns: Iterable[str]) -> dict[str, nn.Paramete
     patterns = list(patterns)
     return {
         name: param
-        for name, param in model.named_parameters()
+        for name, param in named_parameters(model)
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
     }
 

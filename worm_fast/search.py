@@ -47,7 +47,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from worm_fast import backends, ops, radix_select
+from worm_fast import backends, distributed, ops, radix_select
 from worm_fast import masks as mask_ops
 from worm_fast.penalty import PenaltySettings, soft_mask_constants
 from worm_fast.presets import PAPER_CNN
@@ -210,6 +210,13 @@ class EarlyBirdSearch:
             does).
         max_checks: mode ``rl``: the checks the search may run at most (the epoch
             fraction the policy sees is checks run / max_checks).
+        process_group: the ranks that search together (``worm_fast.distributed``). By
+            default the default (world) group when torch.distributed is initialized:
+            under DDP every check proves with one tiny all-reduce that every rank
+            computed the same mask; over FSDP2 (DTensor) parameters the search works on
+            each rank's shards (default: their mesh's group). ``None``: no collectives,
+            each rank searches alone. Every rank of the group must build the search
+            with the same settings (checked here) and call every :meth:`check`.
 
     ``params`` maps each representative name to its parameter, ``representatives`` to
     the parameter and the elements of it that are searched: all of them, or a fused
@@ -245,6 +252,7 @@ class EarlyBirdSearch:
         temperature: float = PenaltySettings.temperature,
         policy: "str | os.PathLike | Policy | None" = None,
         max_checks: int | None = None,
+        process_group=distributed.WORLD,
     ) -> None:
         self.config = dict(
             mode=mode,
@@ -257,6 +265,17 @@ class EarlyBirdSearch:
             ties=ties,
             first_check=first_check,
         )
+        # Each representative: a parameter and the elements of it that are searched.
+        self.representatives = find_representatives(model_or_params, representative)
+        self.params = {name: part.param for name, part in self.representatives.items()}
+        # The ranks agree on the search before anything that one rank alone could refuse.
+        self.placement = distributed.placement(self.params, process_group)
+        self.placement.agree({
+            **self.config, "distance_weight": distance_weight,
+            "duration_weight": duration_weight, "temperature": temperature,
+            "max_checks": max_checks, "names": list(self.params),
+            "shapes": [tuple(p.shape) for p in self.params.values()],
+        })  # fmt: skip
         check_settings(**self.config)
         # Exact limits for the integer decisions (see the module docstring).
         self._stop_limit = _decimal(stop_distance)
@@ -271,9 +290,19 @@ class EarlyBirdSearch:
                 f"mode {mode!r} truncates gradients and needs an optimizer with "
                 f"set_truncation (worm_fast.WormSGD), got {type(optimizer).__name__}"
             )
-        # Each representative: a parameter and the elements of it that are searched.
-        self.representatives = find_representatives(model_or_params, representative)
-        self.params = {name: part.param for name, part in self.representatives.items()}
+        if mode == "gradient" and self.placement.shards is not None:
+            raise ValueError(
+                "mode 'gradient' adds a loss term over whole parameters; it does not run on "
+                "sharded (FSDP2) parameters"
+            )
+        if self.placement.shards is not None and any(
+            part.selection is not None for part in self.representatives.values()
+        ):
+            raise ValueError(
+                "parts of fused weights (a selection of rows or columns) are not searched "
+                "over sharded (FSDP2) parameters; name whole query and key weights instead"
+            )
+        self._held = distributed.holders(model_or_params, self.params)
         self._shapes = {name: p.shape for name, p in self.params.items()}
         self._device = _common_device(self.params)
         if backend is not None:
@@ -294,10 +323,12 @@ class EarlyBirdSearch:
         self.features: list[CheckFeatures] = []  # mode rl: what each check measured
         self.observation = None  # mode rl: what the policy saw at the last check
         self.backend = backend
-        numel = sum(part.numel for part in self.representatives.values())
-        if numel == 0:
+        # The searched elements (of selections; sharded: every shard's).
+        self._numel = sum(part.numel for part in self.representatives.values())
+        if self._numel == 0:
             raise ValueError("the representative parameters have no elements")
-        self.window = mask_ops.MaskWindow(window, numel, self._device)
+        local = sum(t.numel() for t in self._tensors())
+        self.window = mask_ops.MaskWindow(window, local, self._device)
         self.r = 1.0
         self.triggered_at: int | None = None  # the check that switched truncation on
         self.records: list[CheckRecord] = []
@@ -331,23 +362,26 @@ class EarlyBirdSearch:
         self._check_parameters_unchanged()
         cfg = self.config
         with torch.no_grad():  # a gathered selection needs no autograd record here
-            tensors = self._values()
+            tensors = self._tensors()
         try:
             newest = mask_ops.compute_masks(
                 tensors, cfg["prune_ratio"], scope=cfg["scope"], ties=cfg["ties"],
-                backend=self.backend,
+                backend=self.backend, shards=self.placement.shards,
             )  # fmt: skip
         except radix_select.NaNMagnitudesError:
+            # Replicated ranks join the check's collective first, so that all of them stop.
+            self.placement.refuse_non_finite(2 + min(self.window.count, self.window.length - 1))
             raise NonFiniteError(self._non_finite_message()) from None
         row = torch.cat(newest)
         differing = self.window.differing_bits(row)
         finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
         kept = ops.hamming_window(row, torch.zeros_like(row).unsqueeze(0))  # set bits
-        # The one host round trip of a check: finiteness, kept count, differing bits.
-        is_finite, kept_count, *counts = torch.cat(
-            [finite.reshape(1).double(), kept.double(), differing.double()]
-        ).tolist()
-        if not is_finite:
+        # The one host round trip of a check: non-finite flag, kept count, differing bits
+        # (over the ranks: summed over shards, or proven equal on replicas).
+        non_finite, kept_count, *counts = self.placement.reduce_counts(
+            torch.cat([(~finite).reshape(1).long(), kept, differing]), row
+        )
+        if non_finite:
             raise NonFiniteError(self._non_finite_message())
         soft_constants = self.soft_constants
         if cfg["mode"] == "gradient":
@@ -356,8 +390,7 @@ class EarlyBirdSearch:
                 temperature=self.penalty_settings.temperature,
             )  # fmt: skip
 
-        numel = self.window.numel
-        counts = [int(count) for count in counts]
+        numel = self._numel
         d_max = max(counts) / numel if counts else None
         d_avg = sum(counts) / len(counts) / numel if counts else None
         epoch = self._epoch_of(len(self.records))
@@ -409,7 +442,7 @@ class EarlyBirdSearch:
             return torch.zeros((), device=self.window.rows.device)
         held = self.window.rows[: min(self.window.count, self.window.length)]
         distance = ops.soft_mask_distance(
-            self._values(), held, *self.soft_constants, backend=self.backend
+            self._tensors(), held, *self.soft_constants, backend=self.backend
         )
         return self.penalty_settings.weight(len(self.records)) * distance
 
@@ -455,7 +488,11 @@ class EarlyBirdSearch:
         guess so far (for pruning a search that ran out of epochs)."""
         if not self._newest:
             raise RuntimeError("no check has run yet, so there is no mask")
-        shapes = {name: p.shape for name, p in self.params.items()}
+        # Sharded: the masks of this rank's shards (distributed.gather_ticket: the whole).
+        shapes = {
+            name: t.shape
+            for name, t in zip(self.params, distributed.local_tensors(self.params.values()))
+        }
         packed = {name: m.clone() for name, m in zip(self.params, self._newest)}
         selections = {
             name: part.selection
@@ -464,11 +501,6 @@ class EarlyBirdSearch:
         }
         # The trained epochs behind the newest mask (count: checks that made a mask).
         return Ticket(self._epoch_of(self.window.count - 1), packed, shapes, selections)
-
-    def _values(self) -> list[torch.Tensor]:
-        """The representative elements, read now (views, or gathered parts of fused
-        weights), in the representatives' order."""
-        return [part.values() for part in self.representatives.values()]
 
     def _truncation_masks(self, packed: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """The optimizer's masks: over each whole parameter, unselected elements kept."""
@@ -481,7 +513,16 @@ class EarlyBirdSearch:
         """The trained epochs before check ``check_index`` (0-based), per ``first_check``."""
         return check_index + (self.config["first_check"] == "epoch")
 
+    def _tensors(self) -> list[torch.Tensor]:
+        """The searched elements this process holds, read now, in the representatives'
+        order: sharded, its local shards; else each representative's values (views, or
+        gathered parts of fused weights)."""
+        if self.placement.shards is not None:
+            return distributed.local_tensors(self.params.values())
+        return [part.values() for part in self.representatives.values()]
+
     def _check_parameters_unchanged(self) -> None:
+        distributed.check_held(self._held)
         for name, param in self.params.items():
             if param.shape != self._shapes[name]:
                 raise ValueError(
@@ -498,11 +539,13 @@ class EarlyBirdSearch:
 
     def _non_finite_message(self) -> str:
         bad = {
-            name: (int((~torch.isfinite(values.detach())).sum()), values.numel())
-            for name, values in zip(self.representatives, self._values())
+            name: (int((~torch.isfinite(t.detach())).sum()), t.numel())
+            for name, t in zip(self.params, self._tensors())
         }
         found = [f"{name}: {n} of {total}" for name, (n, total) in bad.items() if n]
         listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        if not found:  # another rank's replica or shard
+            listed = "on another rank; none on this one"
         return (
             f"EarlyBirdSearch check {len(self.records) + 1}: representative parameters hold "
             f"NaN or inf values ({listed}); the training diverged (is the learning rate too "
@@ -514,11 +557,11 @@ class EarlyBirdSearch:
         if self.config["ties"] != "early_bird" or self._warned_about_ties:
             return
         p = self.config["prune_ratio"]
-        sizes = [self.window.numel] if self.config["scope"] == "global" else [
+        sizes = [self._numel] if self.config["scope"] == "global" else [
             part.numel for part in self.representatives.values()
         ]  # fmt: skip
         expected = sum(n - int(n * p) for n in sizes)
-        total = self.window.numel
+        total = self._numel
         if abs(kept - expected) > max(2, math.ceil(TIE_TOLERANCE * total)):
             self._warned_about_ties = True
             warnings.warn(
@@ -535,18 +578,22 @@ class EarlyBirdSearch:
     # -- state ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
-            "config": dict(self.config),
-            "names": list(self.params),
-            "window": self.window.state_dict(),
-            "r": self.r,
-            "triggered_at": self.triggered_at,
-            "records": [asdict(record) for record in self.records],
-            "newest": [m.clone() for m in self._newest],
-            "ticket": None if self.ticket is None else asdict(self.ticket),
-            "features": [asdict(features) for features in self.features],
-            "soft_constants": self.soft_constants,
-        }
+        """The search's state. Sharded, its tensors are DTensors of a fixed layout, for
+        ``torch.distributed.checkpoint`` (see ``distributed.Sharded.state_dict``)."""
+        return self.placement.state_dict(
+            {
+                "config": dict(self.config),
+                "names": list(self.params),
+                "window": self.window.state_dict(),
+                "r": self.r,
+                "triggered_at": self.triggered_at,
+                "records": [asdict(record) for record in self.records],
+                "newest": [m.clone() for m in self._newest],
+                "ticket": None if self.ticket is None else asdict(self.ticket),
+                "features": [asdict(features) for features in self.features],
+                "soft_constants": self.soft_constants,
+            }
+        )
 
     def load_state_dict(self, state: dict) -> None:
         """Resume an interrupted search; the next check continues exactly where it left off.
@@ -554,6 +601,7 @@ class EarlyBirdSearch:
         Everything saved is checked (and the truncation handed to the optimizer) before
         anything of this search changes.
         """
+        state = self.placement.local_state(state)
         # Saved before `ties` and `first_check` existed: their behaviour then.
         config = {"ties": "early_bird", "first_check": "epoch", **state["config"]}
         if config != self.config or state["names"] != list(self.params):
@@ -589,8 +637,8 @@ class EarlyBirdSearch:
                 f"EarlyBirdSearch.load_state_dict: {len(newest)} saved masks for "
                 f"{len(self.params)} representative parameters"
             )
-        for (name, part), mask in zip(self.representatives.items(), newest):
-            expected = ops.packed_nbytes(part.numel)
+        for name, tensor, mask in zip(self.params, self._tensors(), newest):
+            expected = ops.packed_nbytes(tensor.numel())
             if mask.dtype != torch.uint8 or mask.shape != (expected,):
                 raise ValueError(
                     f"EarlyBirdSearch.load_state_dict: the saved mask of {name!r} is "

@@ -6,6 +6,7 @@ import torch
 
 from worm_fast import ops
 from worm_fast._checks import check_adamw_truncate
+from worm_fast.distributed import local_tensors
 from worm_fast.optim.base import TruncatingOptimizer, lr_arguments
 
 
@@ -115,7 +116,8 @@ class WormAdamW(TruncatingOptimizer):
             beta1, beta2 = group["betas"]
             for (device, _), (params, grads, m, v, v_max, steps, masks) in batches.items():
                 launches.append(ops.prepare_masked_adamw_step(
-                    params, grads, m, v, v_max, steps,
+                    # Sharded (FSDP2) parameters step their local shards.
+                    *map(local_tensors, (params, grads, m, v, v_max)), steps,
                     masks if any(mask is not None for mask in masks) else [],
                     **lr_arguments(group["lr"], device),
                     beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],

@@ -12,6 +12,7 @@ import torch
 from torch.optim import Optimizer
 
 from worm_fast import backends, ops
+from worm_fast.distributed import local_tensor
 
 _STATE_KEY = "worm_truncation"
 
@@ -85,7 +86,8 @@ class TruncatingOptimizer(Optimizer):
             raise ValueError(
                 f"set_truncation: mask on {mask.device} for a parameter on {param.device}"
             )
-        expected = ops.packed_nbytes(param.numel())
+        # A sharded (FSDP2) parameter's mask covers its local shard, as its step does.
+        expected = ops.packed_nbytes(local_tensor(param).numel())
         if packed:
             if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != expected:
                 raise ValueError(

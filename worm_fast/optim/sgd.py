@@ -5,6 +5,7 @@ from collections import defaultdict
 import torch
 
 from worm_fast import ops
+from worm_fast.distributed import local_tensors
 from worm_fast.optim.base import TruncatingOptimizer, lr_arguments
 
 
@@ -109,9 +110,10 @@ class WormSGD(TruncatingOptimizer):
             for (device, _, first), (params, grads, buffers, masks) in batches.items():
                 launches.append(
                     ops.prepare_masked_sgd_step(
-                        params,
-                        grads,
-                        buffers,
+                        # Sharded (FSDP2) parameters step their local shards.
+                        local_tensors(params),
+                        local_tensors(grads),
+                        local_tensors(buffers),
                         masks if any(m is not None for m in masks) else [],
                         **lr_arguments(group["lr"], device),
                         weight_decay=float(group["weight_decay"]),
