@@ -112,3 +112,13 @@ def test_placements_other_than_shard_0_are_refused(single_process_group):
     model = sharded_tower(shard_placement_fn=lambda param: Shard(param.dim() - 1))
     with pytest.raises(ValueError, match=r"placed \(Shard\(dim=1\),\).*supports FSDP2's default"):
         EarlyBirdSearch(model, **TOWER_SEARCH)
+
+
+def test_parts_of_fused_weights_over_shards_are_refused(single_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    with pytest.raises(ValueError, match=r"parts of fused weights .* not searched over sharded"):
+        EarlyBirdSearch(model, mode="eb", representative="attention")
