@@ -292,3 +292,30 @@ def test_load_state_dict_of_another_configuration_is_refused():
     state["config"]["window"] = 5
     with pytest.raises(ValueError, match="different configuration"):
         search.load_state_dict(state)
+
+
+def _settled_search(**options) -> EarlyBirdSearch:
+    """A search over a layer of small and a layer of large magnitudes whose masks never
+    move, so it converges at the second check."""
+    params = {
+        "small.weight": nn.Parameter(torch.tensor([0.1, 0.2, 0.3, 0.4])),
+        "large.weight": nn.Parameter(torch.tensor([1.1, 1.2, 1.3, 1.4])),
+    }
+    search = EarlyBirdSearch(params, mode="eb", window=2, **options)
+    search.check()
+    return search
+
+
+def test_a_ticket_that_prunes_a_whole_layer_says_so():
+    search = _settled_search()  # the global threshold falls between the two layers
+    with pytest.warns(RuntimeWarning, match=r"every element of small\.weight \(layer collapse\)"):
+        assert search.check().converged
+    assert search.ticket.collapsed() == ["small.weight"]
+    assert search.ticket.density == 3 / 8  # the Early-Bird rule prunes the threshold, 1.1, too
+
+
+def test_a_ticket_that_keeps_part_of_every_layer_is_not_collapsed(recwarn):
+    search = _settled_search(scope="per_tensor")
+    assert search.check().converged
+    assert search.ticket.collapsed() == []
+    assert not [w for w in recwarn if "layer collapse" in str(w.message)]

@@ -160,6 +160,12 @@ class Ticket:
             masks[name] = kept if selection is None else selection.expand(kept, self.shapes[name])
         return masks
 
+    def collapsed(self) -> list[str]:
+        """The parameters whose every searched element the ticket prunes (layer collapse:
+        a BatchNorm layer with every γ pruned outputs its bias alone, whatever its input,
+        so no signal passes it). Pad bits are zero, so an all-zero packed mask is one."""
+        return [name for name, packed in self.packed.items() if not bool(packed.any())]
+
     @property
     def density(self) -> float:
         """Fraction of representative elements kept."""
@@ -413,7 +419,7 @@ class EarlyBirdSearch:
         self.r, self.triggered_at, self._newest = r, triggered_at, newest
         self.soft_constants = soft_constants
         if converged:
-            self.ticket = self.candidate()
+            self._settle()
         record = CheckRecord(epoch, d_max, d_avg, r, triggered_at == epoch, converged, full)
         self.records.append(record)
         if epoch > 0:  # at initialization equal magnitudes are expected (BatchNorm γ = 1)
@@ -468,7 +474,7 @@ class EarlyBirdSearch:
             raise ValueError(f"action must be an index of {ACTIONS}, got {action}")
         record = self.records[-1]
         if action == STOP:
-            self.ticket = self.candidate()
+            self._settle()
             record = replace(record, converged=True)
         elif action == TRIGGER and self.triggered_at is None:
             if not hasattr(self.optimizer, "set_truncation"):
@@ -552,6 +558,23 @@ class EarlyBirdSearch:
             "large?). No mask was computed from them, the search's state is unchanged and "
             "there is no ticket."
         )
+
+    def _settle(self) -> None:
+        """Take the newest masks as the ticket, warning if it collapses a layer."""
+        self.ticket = self.candidate()
+        collapsed = self.ticket.collapsed() if self.placement.shards is None else []
+        if collapsed:  # (a rank's shard alone says nothing of its tensor)
+            listed = ", ".join(collapsed[:3]) + (
+                f" and {len(collapsed) - 3} more" if len(collapsed) > 3 else ""
+            )
+            warnings.warn(
+                f"EarlyBirdSearch: the ticket prunes every element of {listed} (layer "
+                "collapse): pruned as the ticket says, no signal passes such a layer and "
+                "retraining cannot restore it. A lower prune_ratio, scope='per_tensor' or a "
+                "wider model avoids it; Ticket.collapsed() lists them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _warn_about_ties(self, kept: int) -> None:
         if self.config["ties"] != "early_bird" or self._warned_about_ties:

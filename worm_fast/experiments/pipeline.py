@@ -334,6 +334,8 @@ def _metrics(config, search, profiler, pre_pruned, pruned, retrained, retrain_wa
         params_before=params[0],
         params_after=params[1],
         ticket_density=None if config.prune == "none" else search.candidate().density,
+        # Tensors the ticket prunes whole (layer collapse: retraining cannot restore them).
+        collapsed_tensors=None if config.prune == "none" else len(search.candidate().collapsed()),
         ticket_sha256=None if config.prune == "none" else ticket_digest(search.candidate()),
     )
 
