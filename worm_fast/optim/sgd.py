@@ -112,7 +112,7 @@ class WormSGD(TruncatingOptimizer):
                         params,
                         grads,
                         buffers,
-                        masks if any(m is not None for m in masks) else [],
+                        **self._truncation_arguments(masks, device),
                         **lr_arguments(group["lr"], device),
                         weight_decay=float(group["weight_decay"]),
                         momentum=group["momentum"],
@@ -120,7 +120,6 @@ class WormSGD(TruncatingOptimizer):
                         nesterov=group["nesterov"],
                         maximize=group["maximize"],
                         is_first_step=first,
-                        truncation=self.truncation,
                         **self._amp_tensors(device),
                         backend=self.backend,
                     )
