@@ -426,7 +426,9 @@ def _check_written(op, originals, contiguous, params, states) -> None:
         raise AssertionError("index past the written tensors")  # pragma: no cover
 
     for k, (tensor, flat) in enumerate(zip(originals, contiguous) if not all(contiguous) else ()):
-        if not flat and torch._debug_has_internal_overlap(tensor) == 1:
+        # torch's own test for certain internal overlap (``has_internal_overlap``), in
+        # Python so that torch.compile traces it: a dimension of size > 1 and stride 0.
+        if not flat and any(n > 1 and s == 0 for n, s in zip(tensor.shape, tensor.stride())):
             raise ValueError(
                 f"{name_of(k)} has elements that share memory (e.g. an expanded tensor); "
                 "it cannot be updated in place (clone it first)"

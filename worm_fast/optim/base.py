@@ -35,9 +35,10 @@ class TruncatingOptimizer(Optimizer):
         # Each masked parameter's shape when its mask was set: a step refuses a mask
         # whose parameter has since changed size.
         self._mask_shapes: dict[torch.Tensor, torch.Size] = {}
-        # r as a float64 scalar tensor on each device that has masked parameters, which the
-        # kernels read: a compiled step takes it as an input, not as a constant, and a new
-        # r is written into it, so setting r never compiles the step again.
+        # r as a one-element float64 tensor on each device that has masked parameters,
+        # which the kernels read: a compiled step takes it as an input, not as a constant,
+        # and a new r is written into it, so setting r never compiles the step again. (Not
+        # 0-d: Dynamo reads a 0-d float64 CPU tensor as a Python float and traces twice.)
         self._truncation_tensors: dict[torch.device, torch.Tensor] = {}
 
     # -- truncation -------------------------------------------------------------------
@@ -72,7 +73,7 @@ class TruncatingOptimizer(Optimizer):
             held = self._truncation_tensors.get(device)
             if held is None:
                 held = self._truncation_tensors[device] = torch.empty(
-                    (), dtype=torch.float64, device=device
+                    1, dtype=torch.float64, device=device
                 )
             held.fill_(r)
 
