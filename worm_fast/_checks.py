@@ -257,9 +257,8 @@ def check_distinct(tensors: Sequence[torch.Tensor], name_of: Callable[[int], str
     """No two of the tensors a step writes share memory (compared by data pointer);
     ``name_of(k)`` names ``tensors[k]`` in the error.
 
-    Skipped while torch.compile traces (its tensors have no memory, and Dynamo cannot
-    trace ``data_ptr``): the compiled kernels check it again when they run, the traced
-    pure-torch reference does not."""
+    Skipped while torch.compile traces: traced tensors have no memory, and Dynamo cannot
+    trace ``data_ptr`` (docs/compile.md)."""
     if torch.compiler.is_compiling() or any(map(is_fake, tensors)):
         return
     addresses = [t.data_ptr() for t in tensors]

@@ -19,6 +19,7 @@ import torch
 
 NAMES = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "WORM_FAST_BACKEND"
+# This package: a backend's module is its attribute once imported (see ``resolve``).
 _PACKAGE = sys.modules[__name__]
 # What ``auto`` tries for each device type, fastest first (anything else: reference).
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}

@@ -125,13 +125,20 @@ class TruncatingOptimizer(Optimizer):
 
     def _mask_for_step(self, index: int, param: torch.Tensor) -> torch.Tensor | None:
         """The packed mask of ``param`` for this step; refuses one set when the parameter
-        had another size (its bits would land on the wrong elements)."""
+        had another size (its bits would land on the wrong elements) or was elsewhere."""
         mask = self._masks.get(param)
-        if mask is not None and param.shape != self._mask_shapes[param]:
+        if mask is None:
+            return None
+        if param.shape != self._mask_shapes[param]:
             raise ValueError(
                 f"{type(self).__name__}.step: parameter {index} has shape "
                 f"{tuple(param.shape)}, but its truncation mask was set for shape "
                 f"{tuple(self._mask_shapes[param])}; call set_truncation again"
+            )
+        if param.device != mask.device:
+            raise ValueError(
+                f"{type(self).__name__}.step: parameter {index} is on {param.device}, but "
+                f"its truncation mask was set on {mask.device}; call set_truncation again"
             )
         return mask
 
