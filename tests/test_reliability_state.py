@@ -105,8 +105,7 @@ def sgd_step_after_a_masked_parameter_moved():
     second = nn.Parameter(torch.randn(9))
     optimizer = WormSGD([first, second], lr=0.1, momentum=0.9)
     optimizer.set_truncation({second: torch.rand(9) < 0.5}, 0.1)
-    with torch.no_grad():
-        second.data = second.data.to("meta")
+    torch.utils.swap_tensors(second, nn.Parameter(torch.randn(9, device="meta")))  # as .to()
     first.grad, second.grad = torch.ones(7), torch.ones(9, device="meta")
     return [first, optimizer], optimizer.step, ValueError, "is on meta, but its truncation mask"
 

@@ -4,8 +4,9 @@
 runnable (backend, device), and so does a whole training step (forward, backward and
 step); the parameters and states match eager step for step (fp64 within 1e-12, fp32
 within 1e-6); and once the step has met its states and masks it is never compiled again
-(``error_on_recompile``), while ``set_truncation`` sets new masks and a new ``r`` and a
-tensor lr changes: masks, ``r`` and lr are inputs of the graph, not constants.
+(``error_on_recompile``), while ``set_truncation`` (or an ``EarlyBirdSearch`` check) sets
+new masks and a new ``r`` and a tensor lr changes: masks, ``r`` and lr are inputs of the
+graph, not constants.
 
 Most tests compile with ``aot_eager`` (Dynamo and AOT functionalization, which is where
 an op's fake kernel and declared mutations matter, without Inductor's slow C++ builds);
@@ -17,7 +18,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from tests.utils import assert_close, fill_grads, make_params, random_bool_masks
-from worm_fast import WormAdamW, WormSGD
+from worm_fast import EarlyBirdSearch, WormAdamW, WormSGD
 
 OPTIMIZERS = {
     "sgd": lambda params, **kw: WormSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, **kw),
@@ -125,6 +126,36 @@ def test_training_step_is_one_graph(optimizer):
             loss = compiled(net, opt, x, y)
         assert_close(loss, expected, what=f"loss {i}", **TOLERANCE[torch.float64])
         assert_same(opt, pairs[1][1], eager_opt, pairs[0][1], f"{optimizer} step {i}")
+    assert counter.frame_count == 3
+
+
+def test_search_checks_between_compiled_steps_compile_nothing():
+    # EarlyBirdSearch hands the optimizer new packed masks (views of its window's rows)
+    # at every check; mode "truncate" from the first one on.
+    torch.manual_seed(0)
+    layers = torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten()
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(8 * 6 * 6, 2))
+    opt = WormSGD(model.parameters(), lr=0.05, momentum=0.9)
+    search = EarlyBirdSearch(model, opt, mode="truncate", window=3, stop_distance=1e-9)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def train(x, y):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    data = torch.Generator().manual_seed(5)
+    for epoch in range(5):
+        for _ in range(2):
+            x, y = torch.randn(4, 1, 8, 8, generator=data), torch.randint(0, 2, (4,))
+            opt.zero_grad()
+            recompiles_refused = epoch > 1  # the first check set masks: one more graph
+            with torch._dynamo.config.patch(
+                trace_autograd_ops=True, error_on_recompile=recompiles_refused
+            ):
+                train(x, y)
+        search.check()
+    assert opt.truncation == 3e-3 and len(opt.truncation_masks) == 1
     assert counter.frame_count == 3
 
 
