@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks import bench_sgd
+from benchmarks import bench_sgd, param_sets
 from benchmarks.step_harness import Provider, StepCase, compiled_backends, float_masks, masked_step
 
 BENCHMARK = "compile_step"
@@ -40,14 +40,12 @@ REFERENCE = COMPILED.format(bench_sgd.REFERENCE)
 RECOMPILE_LIMIT = 64
 
 
-def param_sets(quick: bool) -> dict:
+def for_run(quick: bool) -> dict[str, param_sets.Shapes]:
     """ResNet-18 (Inductor takes minutes to compile the foreach step of BERT-base's 201
     tensors on a few cores); ``quick``: three small tensors."""
-    from benchmarks import param_sets as sets
-
     if quick:
         return {"three-tensors": [("a", (4096,)), ("b", (64, 65)), ("c", (7,))]}
-    return {"resnet18": sets.resnet18_cifar()}
+    return {"resnet18": param_sets.resnet18_cifar()}
 
 
 def _compiled(fn: Callable, fullgraph: bool, *args) -> tuple[Callable, float]:
@@ -63,13 +61,13 @@ def providers(case: StepCase, device: torch.device) -> dict[str, Provider]:
     found = {}
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         for ours in compiled_backends(device):
-            step = bench_sgd._worm_sgd(case, ours, True).step
+            step = bench_sgd.worm_sgd(case, ours, True).step
             _add(found, OURS.format(backend=ours), step, truncates=True, fullgraph=True)
         for name, impl in ((FUSED, "fused"), ("torch_sgd_foreach", "foreach")):
-            step = bench_sgd._torch_sgd(case, **{impl: True}).step
+            step = bench_sgd.torch_sgd(case, **{impl: True}).step
             _add(found, name, step, truncates=False, fullgraph=False)
         _add_mask_mul(found, case)
-        step = bench_sgd._worm_sgd(case, "reference", True).step
+        step = bench_sgd.worm_sgd(case, "reference", True).step
         step()
         compiled, seconds = _compiled(step, True)
         found[REFERENCE] = Provider(compiled, truncates=True, compile_s=seconds)
@@ -90,10 +88,10 @@ def _add_mask_mul(found: dict, case: StepCase) -> None:
     provider alternates them by a counter in its closure, which Dynamo would take for a
     constant of the graph, compiling again at every call)."""
     grads, phases = [p.grad for p in case.bool_masks], float_masks(case)
-    eager = masked_step(grads, phases, bench_sgd._torch_sgd(case, foreach=True), foreach=True)
+    eager = masked_step(grads, phases, bench_sgd.torch_sgd(case, foreach=True), foreach=True)
     eager()
     found[MASK_MUL] = Provider(eager, truncates=True)
-    opt = bench_sgd._torch_sgd(case, foreach=True)
+    opt = bench_sgd.torch_sgd(case, foreach=True)
 
     def truncated_step(masks: list[torch.Tensor]) -> None:
         torch._foreach_mul_(grads, masks)

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             bench_step(rec, bench, name, shapes, device, config, stream, best, flush)
     if not args.skip_compile:
         print(f"{bench_compile.BENCHMARK} (compiling first) ...", flush=True)
-        for name, shapes in bench_compile.param_sets(args.quick).items():
+        for name, shapes in bench_compile.for_run(args.quick).items():
             bench_step(rec, bench_compile, name, shapes, device, config, stream, best, flush)
     print("mask distances ...", flush=True)
     bench_masks(rec, config.hamming_bits, device, config, flush)
