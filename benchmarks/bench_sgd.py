@@ -30,11 +30,11 @@ OURS = "worm_sgd_{backend}+trunc"
 REFERENCE = OURS.format(backend="reference")
 
 
-def _torch_sgd(case: StepCase, **impl) -> torch.optim.SGD:
+def torch_sgd(case: StepCase, **impl) -> torch.optim.SGD:
     return torch.optim.SGD(case.params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **impl)
 
 
-def _worm_sgd(case: StepCase, backend: str, truncate: bool) -> WormSGD:
+def worm_sgd(case: StepCase, backend: str, truncate: bool) -> WormSGD:
     opt = WormSGD(case.params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend=backend)
     if truncate:
         opt.set_truncation(case.bool_masks, R)
@@ -45,17 +45,17 @@ def providers(case: StepCase, device: torch.device) -> dict[str, Provider]:
     """Every implementation of one SGD step, by name; the reference backend too."""
     found: dict[str, Provider] = {}
     for ours in compiled_backends(device):
-        found[OURS.format(backend=ours)] = Provider(_worm_sgd(case, ours, True).step, True)
-        found[f"worm_sgd_{ours}"] = Provider(_worm_sgd(case, ours, False).step, False)
-    found[FUSED] = Provider(_torch_sgd(case, fused=True).step, False)
-    found["torch_sgd_foreach"] = Provider(_torch_sgd(case, foreach=True).step, False)
+        found[OURS.format(backend=ours)] = Provider(worm_sgd(case, ours, True).step, True)
+        found[f"worm_sgd_{ours}"] = Provider(worm_sgd(case, ours, False).step, False)
+    found[FUSED] = Provider(torch_sgd(case, fused=True).step, False)
+    found["torch_sgd_foreach"] = Provider(torch_sgd(case, foreach=True).step, False)
     grads, phases = [p.grad for p in case.bool_masks], float_masks(case)
     for name, impl, foreach in (
         (MASK_MUL, "foreach", True),
         ("torch_sgd_fused+foreach_mul", "fused", True),
         ("torch_sgd_foreach+mul_per_param", "foreach", False),
     ):
-        opt = _torch_sgd(case, **{impl: True})
+        opt = torch_sgd(case, **{impl: True})
         found[name] = Provider(masked_step(grads, phases, opt, foreach), True)
-    found[REFERENCE] = Provider(_worm_sgd(case, "reference", True).step, True)
+    found[REFERENCE] = Provider(worm_sgd(case, "reference", True).step, True)
     return found

@@ -17,7 +17,8 @@ KEY = ("benchmark", "provider", "param_set", "device", "threads")
 
 @dataclasses.dataclass
 class Row:
-    benchmark: str  # stream | sgd_step | adamw_step | hamming_window | penalty | threshold | check
+    # stream | sgd_step | adamw_step | compile_step | hamming_window | penalty | threshold | check
+    benchmark: str
     provider: str
     param_set: str
     device: str
@@ -35,6 +36,7 @@ class Row:
     vs_bool_ne_sum: float | None = None
     fraction_of_step: float | None = None  # this row's time / the training step's
     vs_kthvalue: float | None = None  # the threshold, or check, with torch.cat + kthvalue
+    vs_eager: float | None = None  # a torch.compile'd step: the same step run eagerly
     note: str = ""
     cpu: str = ""
     threads: int = 0
@@ -101,7 +103,7 @@ def table(rows: list[Row]) -> str:
     """A fixed-width table, one block per benchmark and parameter set."""
     header = (
         f"{'provider':<36}{'median ms':>11}{'p20-p80 ms':>17}{'GB/s':>8}{'roofline':>10}"
-        f"{'vs fused':>10}{'vs mask*':>10}{'vs bool':>9}{'vs kth':>9}"
+        f"{'vs fused':>10}{'vs mask*':>10}{'vs bool':>9}{'vs kth':>9}{'vs eager':>10}"
     )
     lines = []
     block = None
@@ -114,6 +116,6 @@ def table(rows: list[Row]) -> str:
             f"{row.provider:<36}{row.median_ms:>11.3f}{spread:>17}{row.gbps:>8.1f}"
             f"{_fmt(row.roofline_fraction, '.0%'):>10}{_fmt(row.vs_fused, '.2f'):>10}"
             f"{_fmt(row.vs_mask_mul, '.2f'):>10}{_fmt(row.vs_bool_ne_sum, '.0f'):>9}"
-            f"{_fmt(row.vs_kthvalue, '.1f'):>9}"
+            f"{_fmt(row.vs_kthvalue, '.1f'):>9}{_fmt(row.vs_eager, '.2f'):>10}"
         )
     return "\n".join(lines)

@@ -1,12 +1,14 @@
-"""Run every benchmark: ``python -m benchmarks.run [--quick] [--out DIR] [--threads N]``.
+"""Run every benchmark: ``python -m benchmarks.run [--quick] [--out DIR] [--threads N]
+[--skip-compile]``.
 
 Measures, in one process: the STREAM roofline (CPU kernels, or torch's copy, triad and
 dot on a GPU), one SGD and one AdamW step on each parameter set for worm_fast's
 optimizers and torch's (``step_harness`` with the providers of ``bench_sgd`` and
-``bench_adamw``), mask distances, the threshold and a whole search check, and
-WORM-gradient's penalty per training step. Prints a table and the issue's targets
-(reported, never asserted: benchmarks are not tests) and writes ``results.json`` and
-``results.csv`` to ``--out``.
+``bench_adamw``), the SGD steps under ``torch.compile`` against eager (``bench_compile``;
+``--skip-compile`` leaves out its minutes of compiling), mask distances, the threshold
+and a whole search check, and WORM-gradient's penalty per training step. Prints a
+table and the issue's targets (reported, never asserted: benchmarks are not tests) and
+writes ``results.json`` and ``results.csv`` to ``--out``.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import torch
 
 from benchmarks import (
     bench_adamw,
+    bench_compile,
     bench_hamming,
     bench_penalty,
     bench_sgd,
@@ -164,7 +167,8 @@ def bench_step(
     kernels: list[str],
     flush: Callable[[], object],
 ) -> None:
-    """One optimizer step on ``shapes``: ``bench`` is ``bench_sgd`` or ``bench_adamw``."""
+    """One optimizer step on ``shapes``: ``bench`` is ``bench_sgd``, ``bench_adamw`` or
+    ``bench_compile``."""
     # The best roofline kernels run in the same rounds as the optimizers, so that the
     # bandwidth or cores other processes take lower both alike; which thread count does
     # best depends on that load, hence one kernel of each.
@@ -197,6 +201,10 @@ def bench_step(
             roofline_gbps=roofline_gbps,
         )
     for provider, timing in timings.items():
+        notes = ["truncates"] if found[provider].truncates else []
+        if found[provider].compile_s is not None:
+            notes.append(f"compiled in {found[provider].compile_s:.1f} s")
+        eager = timings.get(bench_compile.eager_twin(provider))  # of a compiled step
         rec.add(
             bench.BENCHMARK,
             provider,
@@ -207,7 +215,8 @@ def bench_step(
             roofline_gbps=roofline_gbps,
             vs_fused=fused / timing.median,
             vs_mask_mul=mask_mul / timing.median,
-            note="truncates" if found[provider].truncates else "",
+            vs_eager=None if eager is None else eager.median / timing.median,
+            note="; ".join(notes),
         )
 
 
@@ -295,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--skip-compile", action="store_true", help="leave out the torch.compile'd steps"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -326,6 +338,10 @@ def main(argv: list[str] | None = None) -> None:
             if bench is bench_adamw and name == "bert-base" and device.type == "cpu":
                 continue
             bench_step(rec, bench, name, shapes, device, config, stream, best, flush)
+    if not args.skip_compile:
+        print(f"{bench_compile.BENCHMARK} (compiling first) ...", flush=True)
+        for name, shapes in bench_compile.for_run(args.quick).items():
+            bench_step(rec, bench_compile, name, shapes, device, config, stream, best, flush)
     print("mask distances ...", flush=True)
     bench_masks(rec, config.hamming_bits, device, config, flush)
     print("threshold and check ...", flush=True)

@@ -42,6 +42,7 @@ class StepCase:
 class Provider:
     step: Callable[[], None]
     truncates: bool
+    compile_s: float | None = None  # a torch.compile'd step: its first call's seconds
 
 
 def make_case(shapes: param_sets.Shapes, device: torch.device, seed: int = 0) -> StepCase:

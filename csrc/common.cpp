@@ -221,6 +221,14 @@ void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
               t->device(), ", expected ", like.device(), " (or the CPU)");
 }
 
+void check_truncation_tensor(const std::optional<at::Tensor>& t, const at::Tensor& like,
+                             const char* op) {
+  check_scalar_tensor(t, "truncation_tensor", like, op);
+  if (t.has_value() && t->defined() && t->device().is_cpu()) {
+    check_fraction(op, ": truncation_tensor", t->item<double>(), true);
+  }
+}
+
 void check_pack_mask_args(const at::Tensor& values, const at::Tensor& threshold) {
   TORCH_CHECK(values.layout() == at::kStrided,
               "worm_fast.pack_mask: values must be a strided (dense) tensor");

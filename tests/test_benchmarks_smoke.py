@@ -19,12 +19,17 @@ def test_quick_run_writes_json_and_upserts_csv(tmp_path):
     rows = payload["rows"]
     benchmarks = {row["benchmark"] for row in rows}
     assert benchmarks == {
-        "stream", "sgd_step", "adamw_step", "hamming_window", "threshold", "check", "penalty"
+        "stream", "sgd_step", "adamw_step", "compile_step", "hamming_window", "threshold",
+        "check", "penalty",
     }  # fmt: skip
     providers = {row["provider"] for row in rows if row["benchmark"] == "sgd_step"}
     assert {"torch_sgd_fused", "torch_sgd_foreach+foreach_mul", "worm_sgd_cpp+trunc"} <= providers
     providers = {row["provider"] for row in rows if row["benchmark"] == "adamw_step"}
     assert {"torch_adamw_fused", "worm_adamw_cpp+trunc"} <= providers
+    compiled = {row["provider"]: row for row in rows if row["benchmark"] == "compile_step"}
+    assert {"worm_sgd_cpp+trunc@compile", "torch_sgd_fused@compile"} <= compiled.keys()
+    assert compiled["worm_sgd_cpp+trunc@compile"]["vs_eager"] > 0
+    assert "compiled in" in compiled["torch_sgd_fused@compile"]["note"]
     providers = {row["provider"] for row in rows if row["benchmark"] == "check"}
     assert providers == {"check_kthvalue", "check_radix_select", "torch_sum_read"}
     assert {t["target"] for t in payload["targets"]} >= {"BERT-base Q/K check, ms (<= 30)"}

@@ -99,6 +99,17 @@ def sgd_step_failing_on_its_second_call():
     return [first, second, optimizer], optimizer.step, ValueError, "changed|was set for shape"
 
 
+def sgd_step_after_a_masked_parameter_moved():
+    # Its mask (and r) stayed on the CPU: refused before the missing r on its new device.
+    first = nn.Parameter(torch.randn(7))
+    second = nn.Parameter(torch.randn(9))
+    optimizer = WormSGD([first, second], lr=0.1, momentum=0.9)
+    optimizer.set_truncation({second: torch.rand(9) < 0.5}, 0.1)
+    torch.utils.swap_tensors(second, nn.Parameter(torch.randn(9, device="meta")))  # as .to()
+    first.grad, second.grad = torch.ones(7), torch.ones(9, device="meta")
+    return [first, optimizer], optimizer.step, ValueError, "is on meta, but its truncation mask"
+
+
 def sgd_step_with_an_expanded_parameter():
     first = nn.Parameter(torch.randn(7))
     second = nn.Parameter(torch.randn(1).expand(5))
@@ -220,6 +231,7 @@ def masked_adamw_step_op_with_a_bad_step():
 
 ENTRY_POINTS = [
     sgd_step_failing_on_its_second_call,
+    sgd_step_after_a_masked_parameter_moved,
     sgd_step_with_an_expanded_parameter,
     adamw_step_with_a_sparse_gradient_last,
     set_truncation_with_a_bad_second_mask,

@@ -12,13 +12,15 @@ Rules beyond shapes and devices: the optimizer steps compute in the parameters' 
 betas in [0, 1) and its ``truncate`` one of ``ADAMW_TRUNCATE``; the tensors a step
 writes are distinct (a step count or buffer shared by two parameters would be advanced
 twice on one backend and once on another); scalar
-tensors (``threshold``, ``lr_tensor``, ``grad_scale``, ``found_inf``) have one element
+tensors (``threshold``, ``lr_tensor``, ``grad_scale``, ``found_inf``,
+``truncation_tensor``) have one element
 and live on the tensors' device or on the CPU.
 """
 
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 # Packed masks are padded to whole 64-bit words (DESIGN §3.1).
 WORD_BITS = 64
@@ -253,7 +255,12 @@ def check_contiguous(name: str, tensor: torch.Tensor) -> None:
 
 def check_distinct(tensors: Sequence[torch.Tensor], name_of: Callable[[int], str]) -> None:
     """No two of the tensors a step writes share memory (compared by data pointer);
-    ``name_of(k)`` names ``tensors[k]`` in the error."""
+    ``name_of(k)`` names ``tensors[k]`` in the error.
+
+    Skipped while torch.compile traces: traced tensors have no memory, and Dynamo cannot
+    trace ``data_ptr`` (docs/compile.md)."""
+    if torch.compiler.is_compiling() or any(map(is_fake, tensors)):
+        return
     addresses = [t.data_ptr() for t in tensors]
     if len(set(addresses)) == len(addresses):
         return

@@ -64,12 +64,15 @@ _SCHEMAS = {
     ),
     # One fused SGD step over a list of tensors, in place on params and momentum
     # buffers. `masks` is empty or has one entry per param (None = no truncation).
+    # `lr_tensor` and `truncation_tensor`, when given, replace `lr` and `truncation`: read
+    # where they live, so neither syncs nor is a constant of a torch.compile graph.
     "masked_sgd_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, "
         "Tensor(b!)[] momentum_buffers, Tensor?[] masks, *, float lr, "
         "float weight_decay, float momentum, float dampening, bool nesterov, "
         "bool maximize, bool is_first_step, float truncation, "
-        "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+        "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+        "Tensor? truncation_tensor=None) -> ()"
     ),
     # One fused AdamW step (decoupled weight decay); increments the float32 `state_steps`.
     # Truncation scales the Adam update of pruned elements (truncate="update") or their
@@ -79,7 +82,8 @@ _SCHEMAS = {
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
         "Tensor?[] masks, *, float lr, float beta1, float beta2, float weight_decay, "
         "float eps, bool amsgrad, bool maximize, float truncation, Tensor? lr_tensor=None, "
-        'Tensor? grad_scale=None, Tensor? found_inf=None, str truncate="update") -> ()'
+        'Tensor? grad_scale=None, Tensor? found_inf=None, str truncate="update", '
+        "Tensor? truncation_tensor=None) -> ()"
     ),
     # WORM-gradient's mask distance: the mean over the rows of `window` [l, nbytes] and the
     # elements of `values` of |sigmoid((|v| - thresholds[k]) / temperatures[k]) - bit|, v an
@@ -129,14 +133,19 @@ def _magnitude_histogram_fake(tensors, lo, shift, bits, stride=1):
     return lo.new_empty(lo.shape[0], (1 << bits) + 2, dtype=torch.int64)
 
 
+# The steps return nothing: their fakes check the arguments; the schema's (a!) marks say
+# which lists are written, which is what torch.compile's functionalization reads.
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
 def _masked_sgd_step_fake(
     params, grads, momentum_buffers, masks, *, momentum, truncation, lr_tensor=None,
-    grad_scale=None, found_inf=None, **hyperparameters,
+    grad_scale=None, found_inf=None, truncation_tensor=None, **hyperparameters,
 ):  # fmt: skip
     _checks.check_sgd_step(
         params, grads, momentum_buffers, masks, momentum=momentum, truncation=truncation,
-        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        scalars=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
         fake=True,
     )  # fmt: skip
 
@@ -145,12 +154,15 @@ def _masked_sgd_step_fake(
 def _masked_adamw_step_fake(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, *, beta1,
     beta2, amsgrad, truncation, lr_tensor=None, grad_scale=None, found_inf=None,
-    truncate="update", **hyperparameters,
+    truncate="update", truncation_tensor=None, **hyperparameters,
 ):  # fmt: skip
     _checks.check_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
         beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation, truncate=truncate,
-        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        scalars=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
         fake=True,
     )  # fmt: skip
 

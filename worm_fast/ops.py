@@ -192,10 +192,13 @@ def prepare_masked_sgd_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
+    truncation_tensor: torch.Tensor | None = None,
 ) -> Callable[[], None]:
     """Validate the arguments of :func:`masked_sgd_step_` now; return the step, to run later.
 
     The step reads the tensors when it runs; it may fail only if they change in between.
+    ``lr_tensor`` and ``truncation_tensor`` (one element on the params' device), when
+    given, replace ``lr`` and ``truncation``; the kernel reads them where they live.
     """
     return _fused_step(
         "masked_sgd_step_",
@@ -208,7 +211,10 @@ def prepare_masked_sgd_step(
             dampening=float(dampening), nesterov=bool(nesterov), maximize=bool(maximize),
             is_first_step=bool(is_first_step), truncation=float(truncation),
         ),
-        tensors=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        tensors=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
         backend=backend,
     )  # fmt: skip
 
@@ -235,11 +241,13 @@ def prepare_masked_adamw_step(
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
     truncate: str = "update",
+    truncation_tensor: torch.Tensor | None = None,
 ) -> Callable[[], None]:
     """Validate the arguments of :func:`masked_adamw_step_` now; return the step, to run later.
 
     ``truncate``: ``"update"`` scales the Adam update of pruned elements by ``truncation``,
     ``"gradient"`` their raw gradient (see ``backends.reference.masked_adamw_step_``).
+    ``lr_tensor`` and ``truncation_tensor`` as in :func:`prepare_masked_sgd_step`.
     """
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
         _checks.check_fraction(f"masked_adamw_step_: {name}", beta, closed=False)
@@ -260,7 +268,10 @@ def prepare_masked_adamw_step(
             weight_decay=float(weight_decay), eps=float(eps), amsgrad=bool(amsgrad),
             maximize=bool(maximize), truncation=float(truncation), truncate=truncate,
         ),
-        tensors=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        tensors=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
         backend=backend,
     )  # fmt: skip
 
@@ -415,7 +426,9 @@ def _check_written(op, originals, contiguous, params, states) -> None:
         raise AssertionError("index past the written tensors")  # pragma: no cover
 
     for k, (tensor, flat) in enumerate(zip(originals, contiguous) if not all(contiguous) else ()):
-        if not flat and torch._debug_has_internal_overlap(tensor) == 1:
+        # torch's own test for certain internal overlap (``has_internal_overlap``), in
+        # Python so that torch.compile traces it: a dimension of size > 1 and stride 0.
+        if not flat and any(n > 1 and s == 0 for n, s in zip(tensor.shape, tensor.stride())):
             raise ValueError(
                 f"{name_of(k)} has elements that share memory (e.g. an expanded tensor); "
                 "it cannot be updated in place (clone it first)"

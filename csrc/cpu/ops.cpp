@@ -58,6 +58,12 @@ namespace {
 constexpr const char* kSgdOp = "worm_fast.masked_sgd_step_";
 constexpr const char* kAdamWOp = "worm_fast.masked_adamw_step_";
 
+// The value of an optional scalar tensor (lr_tensor, grad_scale, truncation_tensor),
+// read on the host, or `otherwise` when it is not given.
+double host_value(const std::optional<at::Tensor>& t, double otherwise) {
+  return t.has_value() && t->defined() ? t->item<double>() : otherwise;
+}
+
 // Elements per work item of the SGD step (a multiple of 64, so items start on mask
 // words). Items of all tensors go into one list that the threads split evenly, so a
 // small tensor never costs a parallel region of its own.
@@ -273,7 +279,8 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
                          bool maximize, bool is_first_step, double truncation,
                          const std::optional<at::Tensor>& lr_tensor,
                          const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf) {
+                         const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& truncation_tensor) {
   check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, truncation,
                         c10::DeviceType::CPU);
   if (params.empty()) {
@@ -282,17 +289,18 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
   check_scalar_tensor(lr_tensor, "lr_tensor", params[0], kSgdOp);
   check_scalar_tensor(grad_scale, "grad_scale", params[0], kSgdOp);
   check_scalar_tensor(found_inf, "found_inf", params[0], kSgdOp);
+  check_truncation_tensor(truncation_tensor, params[0], kSgdOp);
   // A step with an inf/NaN gradient (GradScaler) changes nothing.
   if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) {
     return;
   }
   const SgdConfig config{
-      lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr,
+      host_value(lr_tensor, lr),
       weight_decay,
       momentum,
       dampening,
-      truncation,
-      grad_scale.has_value() && grad_scale->defined() ? grad_scale->item<double>() : 1.0,
+      host_value(truncation_tensor, truncation),
+      host_value(grad_scale, 1.0),
       nesterov,
       maximize,
       is_first_step};
@@ -331,7 +339,8 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& lr_tensor,
                            const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf,
-                           c10::string_view truncate) {
+                           c10::string_view truncate,
+                           const std::optional<at::Tensor>& truncation_tensor) {
   const bool truncate_gradient =
       check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                               state_steps, masks, beta1, beta2, truncation, amsgrad, truncate,
@@ -342,18 +351,19 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   check_scalar_tensor(lr_tensor, "lr_tensor", params[0], kAdamWOp);
   check_scalar_tensor(grad_scale, "grad_scale", params[0], kAdamWOp);
   check_scalar_tensor(found_inf, "found_inf", params[0], kAdamWOp);
+  check_truncation_tensor(truncation_tensor, params[0], kAdamWOp);
   // A step with an inf/NaN gradient (GradScaler) changes nothing, step counts included.
   if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) {
     return;
   }
   const AdamConfig config{
-      lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr,
+      host_value(lr_tensor, lr),
       beta1,
       beta2,
       weight_decay,
       eps,
-      truncation,
-      grad_scale.has_value() && grad_scale->defined() ? grad_scale->item<double>() : 1.0,
+      host_value(truncation_tensor, truncation),
+      host_value(grad_scale, 1.0),
       amsgrad,
       maximize,
       truncate_gradient};

@@ -1,7 +1,7 @@
 // CUDA kernels of worm_fast::masked_adamw_step_: multi-tensor launches update every
 // parameter and its AdamW states (of one dtype) in place, reading the packed truncation
-// masks and the step counts on the device, with no host synchronization: lr, grad_scale
-// and found_inf are read on the device when given as device scalars, and found_inf != 0
+// masks and the step counts on the device, with no host synchronization: lr, grad_scale,
+// found_inf and r are read on the device when given as device scalars, and found_inf != 0
 // makes every block return at once.
 //
 // Per tensor, once per block (thread 0, in double, as torch.optim.AdamW does on the host):
@@ -44,14 +44,13 @@ struct AdamArgs {
   double beta1;
   double beta2;
   double weight_decay;
-  double truncation;
+  double truncation;  // used when truncation_ptr is null
   // For the elements.
   opmath_t lerp_weight;  // torch's lerp: m + w (g - m) for w < 0.5, g + (w - 1) (g - m) else
   opmath_t beta2_elem;
   opmath_t one_minus_beta2;
   opmath_t eps;
   opmath_t grad_scale;  // used when grad_scale_ptr is null
-  opmath_t truncation_elem;  // r, the gradient factor of pruned elements (truncate_gradient)
   bool lerp_from_grad;
   bool maximize;
   bool has_weight_decay;
@@ -63,6 +62,7 @@ template <typename opmath_t>
 struct TensorScalars {
   opmath_t neg_step_size;         // -lr / (1 - beta1^t): the factor of kept elements
   opmath_t neg_step_size_pruned;  // the same times truncation
+  opmath_t truncation;            // r, the gradient factor of pruned elements (truncate_gradient)
   opmath_t decay;                 // 1 - lr * weight_decay
   opmath_t bias_correction2_sqrt;
 };
@@ -81,7 +81,8 @@ enum : int {
 template <typename scalar_t, typename opmath_t, bool kAmsgrad>
 __global__ void __launch_bounds__(kBlockSize)
     masked_adamw_kernel(TensorListMeta<7> tl, AdamArgs<opmath_t> args, const opmath_t* lr_ptr,
-                        const opmath_t* grad_scale_ptr, const float* found_inf_ptr) {
+                        const opmath_t* grad_scale_ptr, const float* found_inf_ptr,
+                        const double* truncation_ptr) {
   // GradScaler found an inf/NaN: the step is skipped, decided on the device.
   if (found_inf_ptr != nullptr && *found_inf_ptr != 0.0f) {
     return;
@@ -105,7 +106,9 @@ __global__ void __launch_bounds__(kBlockSize)
     const double lr = lr_ptr != nullptr ? static_cast<double>(*lr_ptr) : args.lr;
     const double step_size = lr / (1.0 - pow(args.beta1, t));
     shared.neg_step_size = static_cast<opmath_t>(-step_size);
-    shared.neg_step_size_pruned = static_cast<opmath_t>(-step_size * args.truncation);
+    const double truncation = truncation_ptr != nullptr ? *truncation_ptr : args.truncation;
+    shared.neg_step_size_pruned = static_cast<opmath_t>(-step_size * truncation);
+    shared.truncation = static_cast<opmath_t>(truncation);
     shared.decay = static_cast<opmath_t>(1.0 - lr * args.weight_decay);
     shared.bias_correction2_sqrt = static_cast<opmath_t>(sqrt(1.0 - pow(args.beta2, t)));
   }
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(kBlockSize)
       const bool kept = (bits >> k) & 1u;
       opmath_t grad = static_cast<opmath_t>(gr[k]) / scale * sign;
       if (args.truncate_gradient && !kept) {
-        grad = grad * args.truncation_elem;
+        grad = grad * s.truncation;
       }
       const opmath_t old = static_cast<opmath_t>(mr[k]);
       const opmath_t avg =
@@ -233,7 +236,6 @@ void launch_typed(const AdamTensor* tensors, int64_t count, const AdamStep& step
                                 static_cast<opmath_t>(1.0 - step.beta2),
                                 static_cast<opmath_t>(step.eps),
                                 static_cast<opmath_t>(step.grad_scale),
-                                static_cast<opmath_t>(step.truncation),
                                 from_grad,
                                 step.maximize,
                                 step.weight_decay != 0.0,
@@ -256,11 +258,13 @@ void launch_typed(const AdamTensor* tensors, int64_t count, const AdamStep& step
                           if (step.amsgrad) {
                             masked_adamw_kernel<scalar_t, opmath_t, true>
                                 <<<blocks, kBlockSize, 0, stream>>>(meta, args, lr_ptr, scale_ptr,
-                                                                    step.found_inf_device);
+                                                                    step.found_inf_device,
+                                                                    step.truncation_device);
                           } else {
                             masked_adamw_kernel<scalar_t, opmath_t, false>
                                 <<<blocks, kBlockSize, 0, stream>>>(meta, args, lr_ptr, scale_ptr,
-                                                                    step.found_inf_device);
+                                                                    step.found_inf_device,
+                                                                    step.truncation_device);
                           }
                           C10_CUDA_KERNEL_LAUNCH_CHECK();
                         });

@@ -1,6 +1,6 @@
 // CUDA kernel of worm_fast::masked_sgd_step_: multi-tensor launches update every
 // parameter and momentum buffer of one dtype in place, reading the packed truncation
-// masks, with no host synchronization: lr, grad_scale and found_inf are read on the
+// masks, with no host synchronization: lr, grad_scale, found_inf and r are read on the
 // device when given as device scalars (found_inf != 0 makes every block return at once).
 //
 // Per element, in float (double for float64 parameters), as in
@@ -31,7 +31,7 @@ struct SgdArgs {
   opmath_t weight_decay;
   opmath_t momentum;
   opmath_t one_minus_dampening;
-  opmath_t truncation;
+  opmath_t truncation;  // used when truncation_ptr is null
   opmath_t grad_scale;  // used when grad_scale_ptr is null
   bool nesterov;
   bool maximize;
@@ -45,7 +45,8 @@ enum : int { kParam = 0, kGrad = 1, kBuf = 2, kMask = 3 };
 template <typename scalar_t, typename opmath_t>
 __global__ void __launch_bounds__(kBlockSize)
     masked_sgd_kernel(TensorListMeta<4> tl, SgdArgs<opmath_t> args, const opmath_t* lr_ptr,
-                      const opmath_t* grad_scale_ptr, const float* found_inf_ptr) {
+                      const opmath_t* grad_scale_ptr, const float* found_inf_ptr,
+                      const double* truncation_ptr) {
   // GradScaler found an inf/NaN: the step is skipped, decided on the device.
   if (found_inf_ptr != nullptr && *found_inf_ptr != 0.0f) {
     return;
@@ -62,6 +63,8 @@ __global__ void __launch_bounds__(kBlockSize)
 
   const opmath_t neg_lr = -(lr_ptr != nullptr ? *lr_ptr : args.lr);
   const opmath_t scale = grad_scale_ptr != nullptr ? *grad_scale_ptr : args.grad_scale;
+  const opmath_t truncation =
+      truncation_ptr != nullptr ? static_cast<opmath_t>(*truncation_ptr) : args.truncation;
   const bool read_buf = args.has_momentum && !args.is_first_step;
   const bool vectorized = is_aligned(p) && is_aligned(g) && (b == nullptr || is_aligned(b));
 
@@ -90,7 +93,7 @@ __global__ void __launch_bounds__(kBlockSize)
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       opmath_t grad = static_cast<opmath_t>(gr[k]) / scale;
-      grad *= ((bits >> k) & 1u) ? opmath_t(1) : args.truncation;
+      grad *= ((bits >> k) & 1u) ? opmath_t(1) : truncation;
       if (args.maximize) {
         grad = -grad;
       }
@@ -157,7 +160,8 @@ void launch_typed(const SgdTensor* tensors, int64_t count, const SgdStep& step,
   multi_tensor_apply<4>(kChunkSize, addresses, numels,
                         [&](const TensorListMeta<4>& meta, int blocks) {
                           masked_sgd_kernel<scalar_t, opmath_t><<<blocks, kBlockSize, 0, stream>>>(
-                              meta, args, lr_ptr, scale_ptr, step.found_inf_device);
+                              meta, args, lr_ptr, scale_ptr, step.found_inf_device,
+                              step.truncation_device);
                           C10_CUDA_KERNEL_LAUNCH_CHECK();
                         });
 }

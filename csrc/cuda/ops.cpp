@@ -1,7 +1,7 @@
 // CUDA registrations of the worm_fast ops: argument checks, device scalars, and the
 // calls into the launchers of cuda_kernels.h (compiled by nvcc in *.cu). Built only when
 // setup.py finds a CUDA toolkit. Nothing here synchronizes with the device: a scalar
-// given as a CUDA tensor (threshold, lr, grad_scale, found_inf) is read by the kernels;
+// given as a CUDA tensor (threshold, lr, grad_scale, found_inf, r) is read by the kernels;
 // one given as a CPU tensor is read on the host, which costs no sync. AdamW's step counts
 // live on the device and are read and incremented by its kernels.
 
@@ -132,7 +132,8 @@ void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
                           bool maximize, bool is_first_step, double truncation,
                           const std::optional<at::Tensor>& lr_tensor,
                           const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf) {
+                          const std::optional<at::Tensor>& found_inf,
+                          const std::optional<at::Tensor>& truncation_tensor) {
   check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, truncation,
                         c10::DeviceType::CUDA);
   if (params.empty()) {
@@ -141,6 +142,7 @@ void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
   check_scalar_tensor(lr_tensor, "lr_tensor", params[0], kSgdOp);
   check_scalar_tensor(grad_scale, "grad_scale", params[0], kSgdOp);
   check_scalar_tensor(found_inf, "found_inf", params[0], kSgdOp);
+  check_truncation_tensor(truncation_tensor, params[0], kSgdOp);
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -168,10 +170,13 @@ void masked_sgd_step_cuda(at::TensorList params, at::TensorList grads,
       continue;
     }
     SgdStep step{lr,       weight_decay, momentum,      dampening, truncation, 1.0,
-                 nesterov, maximize,     is_first_step, nullptr,   nullptr,    found_inf_device};
+                 nesterov, maximize,     is_first_step, nullptr,   nullptr,    found_inf_device,
+                 nullptr};
     step.lr_device = device_scalar(lr_tensor, compute_dtype(dtype), keep, step.lr);
     step.grad_scale_device =
         device_scalar(grad_scale, compute_dtype(dtype), keep, step.grad_scale);
+    step.truncation_device = static_cast<const double*>(
+        device_scalar(truncation_tensor, at::kDouble, keep, step.truncation));
     launch_masked_sgd(kind_of(dtype), tensors.data(), static_cast<int64_t>(tensors.size()),
                       step, stream);
   }
@@ -186,7 +191,8 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
                             const std::optional<at::Tensor>& lr_tensor,
                             const std::optional<at::Tensor>& grad_scale,
                             const std::optional<at::Tensor>& found_inf,
-                            c10::string_view truncate) {
+                            c10::string_view truncate,
+                            const std::optional<at::Tensor>& truncation_tensor) {
   const bool truncate_gradient =
       check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                               state_steps, masks, beta1, beta2, truncation, amsgrad, truncate,
@@ -197,6 +203,7 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
   check_scalar_tensor(lr_tensor, "lr_tensor", params[0], kAdamWOp);
   check_scalar_tensor(grad_scale, "grad_scale", params[0], kAdamWOp);
   check_scalar_tensor(found_inf, "found_inf", params[0], kAdamWOp);
+  check_truncation_tensor(truncation_tensor, params[0], kAdamWOp);
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -228,10 +235,12 @@ void masked_adamw_step_cuda(at::TensorList params, at::TensorList grads,
     }
     AdamStep step{lr,      beta1,    beta2,    weight_decay,      eps,
                   truncation, 1.0,   amsgrad,  maximize, truncate_gradient, nullptr,
-                  nullptr, found_inf_device};
+                  nullptr, found_inf_device, nullptr};
     step.lr_device = device_scalar(lr_tensor, compute_dtype(dtype), keep, step.lr);
     step.grad_scale_device =
         device_scalar(grad_scale, compute_dtype(dtype), keep, step.grad_scale);
+    step.truncation_device = static_cast<const double*>(
+        device_scalar(truncation_tensor, at::kDouble, keep, step.truncation));
     launch_masked_adamw(kind_of(dtype), tensors.data(), static_cast<int64_t>(tensors.size()),
                         step, stream);
   }

@@ -239,7 +239,11 @@ def test_masked_sgd_step_rejects_bad_input_without_touching_anything(device):
             (dict(p=[params[0], torch.zeros(70, 2)[:, 0]]), r"params\[1\] must be contiguous"),
             (dict(p=[params[0], torch.zeros(70, dtype=torch.int32)]), r"params\[1\] has dtype Int"),
             (dict(found_inf=torch.zeros(2)), "found_inf must have exactly one element"),
-        ]
+            (dict(truncation_tensor=torch.zeros(2)), "truncation_tensor must have exactly one"),
+            # r on the host is read there, and checked like the float truncation.
+            (dict(truncation_tensor=torch.tensor([1.5], device="cpu")),
+             "truncation_tensor must be >= 0 and <= 1, got 1.5"),
+        ]  # fmt: skip
     for kwargs, message in bad:
         with pytest.raises(RuntimeError, match=message):
             call(**kwargs)
@@ -277,6 +281,8 @@ def test_masked_adamw_step_rejects_bad_input_without_touching_anything(device):
             (dict(s=[steps[0], torch.zeros(2)]), r"state_steps\[1\] must be a float32 tensor"),
             (dict(p=[params[0], torch.zeros(70, dtype=torch.int32)]), r"params\[1\] has dtype Int"),
             (dict(found_inf=torch.zeros(2)), "masked_adamw_step_: found_inf must have exactly one"),
+            (dict(truncation_tensor=torch.tensor([-0.5], device="cpu")),
+             "masked_adamw_step_: truncation_tensor must be >= 0 and <= 1, got -0.5"),
         ]  # fmt: skip
     for kwargs, message in bad:
         with pytest.raises(RuntimeError, match=message):

@@ -254,23 +254,26 @@ for dtype in ("fp32", "fp64", "fp16", "bf16"):
             "out_ptr": "*u8", "numel": "i32", "nbytes": "i32"}, {"BLOCK_BYTES": 256})
     tensors = dict(param_ptr=f"*{dtype}", grad_ptr=f"*{dtype}", buf_ptr=f"*{dtype}",
                    mask_ptr="*u8", lr_ptr="*fp32", grad_scale_ptr="*fp32",
-                   found_inf_ptr="*fp32", numel="i32")
+                   found_inf_ptr="*fp32", truncation_ptr="*fp64", numel="i32")
     flags = dict(HAS_WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=True, FIRST_STEP=False,
                  BLOCK=1024)
     compile(kernels._masked_sgd_step_kernel, {**tensors, **bits}, flags)
-    absent = ("buf_ptr", "mask_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr")
+    absent = ("buf_ptr", "mask_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr",
+              "truncation_ptr")
     compile(kernels._masked_sgd_step_kernel,
             {k: v for k, v in {**tensors, **bits}.items() if k not in absent},
             {**flags, **dict.fromkeys(absent), "FIRST_STEP": True})
     tensors = dict(param_ptr=f"*{dtype}", grad_ptr=f"*{dtype}", exp_avg_ptr=f"*{dtype}",
                    exp_avg_sq_ptr=f"*{dtype}", max_exp_avg_sq_ptr=f"*{dtype}", mask_ptr="*u8",
                    lr_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32",
-                   old_steps_ptr="*fp32", step_ptr="*fp32", numel="i32")
+                   truncation_ptr="*fp64", old_steps_ptr="*fp32", step_ptr="*fp32",
+                   numel="i32")
     for truncate_gradient in (False, True):
         flags = dict(HAS_WEIGHT_DECAY=True, MAXIMIZE=True, TRUNCATE_GRADIENT=truncate_gradient,
                      BLOCK=1024)
         compile(kernels._masked_adamw_step_kernel, {**tensors, **adamw_bits}, flags)
-    absent = ("max_exp_avg_sq_ptr", "mask_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr")
+    absent = ("max_exp_avg_sq_ptr", "mask_ptr", "lr_ptr", "grad_scale_ptr", "found_inf_ptr",
+              "truncation_ptr")
     compile(kernels._masked_adamw_step_kernel,
             {k: v for k, v in {**tensors, **adamw_bits}.items() if k not in absent},
             {**dict.fromkeys(absent), "HAS_WEIGHT_DECAY": False, "MAXIMIZE": False,

@@ -27,22 +27,26 @@ def test_opcheck(op, args, device):
 
 
 @pytest.mark.parametrize("device", DEVICE_TYPES)
-def test_opcheck_optimizer_steps(device):
+@pytest.mark.parametrize("r_as", ["float", "tensor"])
+def test_opcheck_optimizer_steps(device, r_as):
     params = [randn(n, seed=n, device=device) for n in (7, 65)]
     grads = [randn(n, seed=n + 1, device=device) for n in (7, 65)]
     masks = [ops.pack_mask(p, 0.5) for p in params]
+    r = dict(truncation=0.1)
+    if r_as == "tensor":  # as the optimizers pass it (torch.compile takes it as an input)
+        r = dict(truncation=1.0, truncation_tensor=torch.tensor([0.1], device=device))
     torch.library.opcheck(
         torch.ops.worm_fast.masked_sgd_step_,
         ([p.clone() for p in params], grads, [torch.zeros_like(p) for p in params], masks),
         dict(lr=0.1, weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=False,
-             maximize=False, is_first_step=True, truncation=0.1),
+             maximize=False, is_first_step=True, **r),
     )  # fmt: skip
     torch.library.opcheck(
         torch.ops.worm_fast.masked_adamw_step_,
         ([p.clone() for p in params], grads, [torch.zeros_like(p) for p in params],
          [torch.zeros_like(p) for p in params], [], [p.new_zeros(()) for p in params], masks),
         dict(lr=0.1, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8, amsgrad=False,
-             maximize=False, truncation=0.1),
+             maximize=False, **r),
     )  # fmt: skip
 
 

@@ -161,7 +161,7 @@ def test_large_multi_tensor_list(backend_device, dtype):
 
 
 @pytest.mark.compares_with_reference
-@pytest.mark.parametrize("scalars", ["grad_scale", "lr_tensor", "both"])
+@pytest.mark.parametrize("scalars", ["grad_scale", "lr_tensor", "both", "truncation_tensor"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_device_scalars(backend_device, dtype, scalars):
     kernels = kernels_of(backend_device)
@@ -176,16 +176,22 @@ def test_device_scalars(backend_device, dtype, scalars):
         lr_dtype = torch.float64 if scalars == "lr_tensor" else torch.float32
         tensors["lr_tensor"] = torch.tensor(0.05, dtype=lr_dtype, device=device)
         hp["lr"] = 123.0
-    kwargs = adamw_kwargs(**hp, **tensors)
+    if scalars == "truncation_tensor":  # overrides the float r, at both truncation sites
+        tensors["truncation_tensor"] = torch.tensor([3e-3], dtype=torch.float64, device=device)
+        hp["truncation"] = 1.0
     what = f"{dtype} {scalars}"
-    for steps in (1, 2):  # one: the grads stay as they were
-        assert_matches_reference(kernels, backend, case, "random", what, steps=steps, **kwargs)
-    if "lr_tensor" in tensors:
-        with_tensor = run(kernels, case, "random", **kwargs)
-        lr = kwargs.pop("lr_tensor").item()  # 0.05 rounded to the tensor's dtype
-        with_float = run(kernels, case, "random", **dict(kwargs, lr=lr))
-        for name, a, b in zip(ADAMW_STATES, with_tensor, with_float):
-            assert_lists_equal(a, b, f"{what}: {name} with lr_tensor vs float lr")
+    for truncate in ("update", "gradient") if "truncation_tensor" in tensors else ("update",):
+        kwargs = adamw_kwargs(**hp, **tensors, truncate=truncate)
+        for steps in (1, 2):  # one: the grads stay as they were
+            assert_matches_reference(kernels, backend, case, "random", what, steps=steps, **kwargs)
+        for name, float_name in (("lr_tensor", "lr"), ("truncation_tensor", "truncation")):
+            if name in tensors:  # the same numbers as the float it replaces
+                with_tensor = run(kernels, case, "random", **kwargs)
+                value = tensors[name].item()  # rounded to the tensor's dtype
+                plain = {key: v for key, v in kwargs.items() if key != name}
+                with_float = run(kernels, case, "random", **dict(plain, **{float_name: value}))
+                for state, a, b in zip(ADAMW_STATES, with_tensor, with_float):
+                    assert_lists_equal(a, b, f"{what}: {state} with {name} vs float {float_name}")
 
 
 @pytest.mark.compares_with_reference

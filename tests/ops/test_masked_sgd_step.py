@@ -88,7 +88,7 @@ def test_large_multi_tensor_list(backend_device, dtype):
 
 
 @pytest.mark.compares_with_reference
-@pytest.mark.parametrize("scalars", ["grad_scale", "lr_tensor", "both"])
+@pytest.mark.parametrize("scalars", ["grad_scale", "lr_tensor", "both", "truncation_tensor"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_device_scalars(backend_device, dtype, scalars):
     kernels = kernels_of(backend_device)
@@ -103,13 +103,18 @@ def test_device_scalars(backend_device, dtype, scalars):
     if scalars in ("lr_tensor", "both"):  # overrides the float lr
         tensors["lr_tensor"] = torch.tensor([0.05], dtype=torch.float64, device=device)
         hp["lr"] = 123.0
+    if scalars == "truncation_tensor":  # overrides the float r (what torch.compile needs)
+        tensors["truncation_tensor"] = torch.tensor([3e-3], dtype=torch.float64, device=device)
+        hp["truncation"] = 1.0
     kwargs = sgd_kwargs(**hp, **tensors)
     assert_matches_reference(kernels, backend, case, f"{dtype} {scalars}", **kwargs)
-    if "lr_tensor" in tensors:
-        with_tensor = step(kernels.masked_sgd_step_, case, **kwargs)
-        lr = kwargs.pop("lr_tensor").item()
-        with_float = step(kernels.masked_sgd_step_, case, **dict(kwargs, lr=lr))
-        assert_lists_equal(with_tensor[0] + with_tensor[1], with_float[0] + with_float[1])
+    for name, float_name in (("lr_tensor", "lr"), ("truncation_tensor", "truncation")):
+        if name in tensors:  # the same numbers as the float it replaces
+            with_tensor = step(kernels.masked_sgd_step_, case, **kwargs)
+            value = tensors[name].item()
+            plain = {key: v for key, v in kwargs.items() if key != name}
+            with_float = step(kernels.masked_sgd_step_, case, **dict(plain, **{float_name: value}))
+            assert_lists_equal(with_tensor[0] + with_tensor[1], with_float[0] + with_float[1])
 
 
 @pytest.mark.compares_with_reference

@@ -11,6 +11,7 @@ argument forces one.
 import functools
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -18,6 +19,8 @@ import torch
 
 NAMES = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "WORM_FAST_BACKEND"
+# This package: a backend's module is its attribute once imported (see ``resolve``).
+_PACKAGE = sys.modules[__name__]
 # What ``auto`` tries for each device type, fastest first (anything else: reference).
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
@@ -48,7 +51,16 @@ def available() -> dict[str, BackendStatus]:
 
 def resolve(backend: str | None, device: torch.device) -> ModuleType:
     """The backend module to run on ``device``: ``backend`` or $WORM_FAST_BACKEND or auto."""
-    return _resolve(backend or os.environ.get(ENV_VAR) or "auto", device.type)
+    # An attribute of this package, which Dynamo can trace and guard.
+    return getattr(_PACKAGE, _resolved_name(backend, device.type))
+
+
+# Under torch.compile the choice is made once, when the call is traced, and is a
+# constant of the graph: Dynamo cannot trace it (it imports the backend's module).
+@torch.compiler.assume_constant_result
+def _resolved_name(backend: str | None, device_type: str) -> str:
+    module = _resolve(backend or os.environ.get(ENV_VAR) or "auto", device_type)
+    return module.__name__.rpartition(".")[2]
 
 
 @functools.cache

@@ -100,6 +100,7 @@ def masked_sgd_step_(
     lr_tensor=None,
     grad_scale=None,
     found_inf=None,
+    truncation_tensor=None,
 ):
     """torch.optim.SGD's update, with the raw gradient truncated first:
 
@@ -107,11 +108,15 @@ def masked_sgd_step_(
     g = g + weight_decay * p;  b = g (first step) or momentum * b + (1 - dampening) * g
     g = g + momentum * b (nesterov) or b;  p = p - lr * g
 
-    A step with ``found_inf != 0`` leaves params and buffers unchanged.
+    A step with ``found_inf != 0`` leaves params and buffers unchanged. ``lr_tensor`` and
+    ``truncation_tensor``, when given, replace ``lr`` and ``truncation``.
     """
     _checks.check_sgd_step(
         params, grads, momentum_buffers, masks, momentum=momentum, truncation=truncation,
-        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        scalars=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
     )  # fmt: skip
     for i, (param, grad) in enumerate(zip(params, grads)):
         acc = compute_dtype(param.dtype)
@@ -121,7 +126,7 @@ def masked_sgd_step_(
             g = g / grad_scale.to(param.device, acc)
         if masks and masks[i] is not None:
             kept = unpack_mask(masks[i], param.numel()).view_as(param)
-            g = torch.where(kept, g, g * truncation)
+            g = torch.where(kept, g, g * _truncation(truncation, truncation_tensor, param))
         if maximize:
             g = -g
         if weight_decay != 0:
@@ -165,6 +170,7 @@ def masked_adamw_step_(
     grad_scale=None,
     found_inf=None,
     truncate="update",
+    truncation_tensor=None,
 ):
     """torch.optim.AdamW's update, with pruned elements truncated by ``truncation``:
 
@@ -180,12 +186,16 @@ def masked_adamw_step_(
     elements learning r times slower, which is what WORM's truncation asks of SGD too.
     ``gradient``: the paper's literal rule (the moments see the truncated gradient).
     Weight decay is not truncated. A step with ``found_inf != 0`` changes nothing, the
-    step count included.
+    step count included. ``lr_tensor`` and ``truncation_tensor``, when given, replace
+    ``lr`` and ``truncation``.
     """
     _checks.check_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
         beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation, truncate=truncate,
-        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        scalars=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
     )  # fmt: skip
     for i, (param, grad) in enumerate(zip(params, grads)):
         acc = compute_dtype(param.dtype)
@@ -196,8 +206,9 @@ def masked_adamw_step_(
         kept = None
         if masks and masks[i] is not None:
             kept = unpack_mask(masks[i], param.numel()).view_as(param)
+            r = _truncation(truncation, truncation_tensor, param)
             if truncate == "gradient":
-                g = torch.where(kept, g, g * truncation)
+                g = torch.where(kept, g, g * r)
         if maximize:
             g = -g
         step = state_steps[i] + 1
@@ -210,7 +221,7 @@ def masked_adamw_step_(
         bias_correction2_sqrt = (1 - beta2 ** step.to(acc)).sqrt()
         update = m / (v_max.sqrt() / bias_correction2_sqrt + eps)
         if kept is not None and truncate == "update":
-            update = torch.where(kept, update, update * truncation)
+            update = torch.where(kept, update, update * r)
         new = {"p": p - step_lr / bias_correction1 * update, "m": m, "v": v, "v_max": v_max}
 
         targets = {"p": param, "m": exp_avgs[i], "v": exp_avg_sqs[i], "step": state_steps[i]}
@@ -223,6 +234,14 @@ def masked_adamw_step_(
                 skip = found_inf.to(param.device, torch.bool).reshape(())
                 value = torch.where(skip, target.to(value.dtype), value)
             target.copy_(value)
+
+
+def _truncation(truncation, truncation_tensor, param):
+    """The factor r of ``param``'s pruned elements: ``truncation_tensor`` in the compute
+    dtype when given (it replaces the float ``truncation``)."""
+    if truncation_tensor is None:
+        return truncation
+    return truncation_tensor.to(param.device, compute_dtype(param.dtype)).reshape(())
 
 
 def _segments(values, window):

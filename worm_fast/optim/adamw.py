@@ -118,11 +118,11 @@ class WormAdamW(TruncatingOptimizer):
                 launches.append(ops.prepare_masked_adamw_step(
                     # Sharded (FSDP2) parameters step their local shards.
                     *map(local_tensors, (params, grads, m, v, v_max)), steps,
-                    masks if any(mask is not None for mask in masks) else [],
+                    **self._truncation_arguments(masks, device),
                     **lr_arguments(group["lr"], device),
                     beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                     eps=group["eps"], amsgrad=amsgrad, maximize=group["maximize"],
-                    truncation=self.truncation, truncate=group["truncate"],
+                    truncate=group["truncate"],
                     **self._amp_tensors(device), backend=self.backend,
                 ))  # fmt: skip
         for launch in launches:

@@ -36,6 +36,11 @@ class TruncatingOptimizer(Optimizer):
         # Each masked parameter's shape when its mask was set: a step refuses a mask
         # whose parameter has since changed size.
         self._mask_shapes: dict[torch.Tensor, torch.Size] = {}
+        # r as a one-element float64 tensor on each device that has masked parameters,
+        # which the kernels read: a compiled step takes it as an input, not as a constant,
+        # and a new r is written into it, so setting r never compiles the step again. (Not
+        # 0-d: Dynamo reads a 0-d float64 CPU tensor as a Python float and traces twice.)
+        self._truncation_tensors: dict[torch.device, torch.Tensor] = {}
 
     # -- truncation -------------------------------------------------------------------
 
@@ -50,17 +55,28 @@ class TruncatingOptimizer(Optimizer):
         uint8 tensor of 0/1 values over an 8-element parameter would read as either.
         Parameters without a mask are not truncated. Replaces any earlier masks.
         """
-        self._masks, self._mask_shapes, self.truncation = self._checked(masks, r, packed)
+        self._hold(*self._checked(masks, r, packed))
 
     def clear_truncation(self) -> None:
         """Stop truncating: plain SGD from the next step on."""
-        self._masks, self._mask_shapes, self.truncation = {}, {}, 1.0
+        self._hold({}, {}, 1.0)
 
     @property
     def truncation_masks(self) -> dict[torch.Tensor, torch.Tensor]:
         """The packed masks in force, by parameter (a copy of the mapping); hand them
         back with ``set_truncation(..., packed=True)``."""
         return dict(self._masks)
+
+    def _hold(self, masks: dict, shapes: dict, r: float) -> None:
+        """Put checked masks, their parameters' shapes and r in force."""
+        self._masks, self._mask_shapes, self.truncation = masks, shapes, r
+        for device in {param.device for param in masks}:
+            held = self._truncation_tensors.get(device)
+            if held is None:
+                held = self._truncation_tensors[device] = torch.empty(
+                    1, dtype=torch.float64, device=device
+                )
+            held.fill_(r)
 
     def _checked(self, masks: Mapping, r: float, packed: bool) -> tuple[dict, dict, float]:
         """What ``set_truncation`` would hold: (packed masks, shapes, r), all checked."""
@@ -111,15 +127,30 @@ class TruncatingOptimizer(Optimizer):
 
     def _mask_for_step(self, index: int, param: torch.Tensor) -> torch.Tensor | None:
         """The packed mask of ``param`` for this step; refuses one set when the parameter
-        had another size (its bits would land on the wrong elements)."""
+        had another size (its bits would land on the wrong elements) or was elsewhere."""
         mask = self._masks.get(param)
-        if mask is not None and param.shape != self._mask_shapes[param]:
+        if mask is None:
+            return None
+        if param.shape != self._mask_shapes[param]:
             raise ValueError(
                 f"{type(self).__name__}.step: parameter {index} has shape "
                 f"{tuple(param.shape)}, but its truncation mask was set for shape "
                 f"{tuple(self._mask_shapes[param])}; call set_truncation again"
             )
+        if param.device != mask.device:
+            raise ValueError(
+                f"{type(self).__name__}.step: parameter {index} is on {param.device}, but "
+                f"its truncation mask was set on {mask.device}; call set_truncation again"
+            )
         return mask
+
+    def _truncation_arguments(self, masks: list, device: torch.device) -> dict:
+        """``masks`` and ``truncation_tensor`` of one fused call, given the mask (or None)
+        of each of its parameters on ``device``: none at all when no parameter has one.
+        Never the float r, which a compiled step would hold as a constant."""
+        if all(mask is None for mask in masks):
+            return {"masks": [], "truncation_tensor": None}
+        return {"masks": masks, "truncation_tensor": self._truncation_tensors[device]}
 
     # -- state ------------------------------------------------------------------------
 
@@ -151,7 +182,7 @@ class TruncatingOptimizer(Optimizer):
         truncation = self._checked(masks, saved["r"], packed=True)
         self._check_saved_state(state_dict)
         super().load_state_dict(state_dict)  # checks the groups before it changes anything
-        self._masks, self._mask_shapes, self.truncation = truncation
+        self._hold(*truncation)
 
     def _check_saved_state(self, state_dict: dict) -> None:
         """Each saved per-element state has its parameter's number of elements, and each
@@ -196,9 +227,11 @@ class TruncatingOptimizer(Optimizer):
 
 def lr_arguments(lr: float | torch.Tensor, device: torch.device) -> dict:
     """``lr`` / ``lr_tensor`` kernel arguments: a CPU tensor lr is read on the host at no
-    cost; a device tensor lr is read by the kernel, so the step never syncs."""
+    cost; a device tensor lr is read by the kernel, so the step never syncs. Under
+    torch.compile every tensor lr goes to the kernel: reading it would end the graph, and
+    a float lr is a constant of the graph (a new value compiles it again)."""
     if isinstance(lr, torch.Tensor):
-        if lr.device.type == "cpu":
+        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
             return {"lr": lr.item(), "lr_tensor": None}
         return {"lr": 0.0, "lr_tensor": lr.to(device)}
     return {"lr": float(lr), "lr_tensor": None}

@@ -114,7 +114,7 @@ class WormSGD(TruncatingOptimizer):
                         local_tensors(params),
                         local_tensors(grads),
                         local_tensors(buffers),
-                        masks if any(m is not None for m in masks) else [],
+                        **self._truncation_arguments(masks, device),
                         **lr_arguments(group["lr"], device),
                         weight_decay=float(group["weight_decay"]),
                         momentum=group["momentum"],
@@ -122,7 +122,6 @@ class WormSGD(TruncatingOptimizer):
                         nesterov=group["nesterov"],
                         maximize=group["maximize"],
                         is_first_step=first,
-                        truncation=self.truncation,
                         **self._amp_tensors(device),
                         backend=self.backend,
                     )

@@ -59,6 +59,12 @@ bool check_masked_adamw_args(at::TensorList params, at::TensorList grads,
 void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
                          const at::Tensor& like, const char* op);
 
+// truncation_tensor of the step `op`: a scalar tensor as above; one on the CPU is read
+// here and must be in [0, 1] (one on the device is read by the kernels, unchecked: the
+// optimizers check r when it is set).
+void check_truncation_tensor(const std::optional<at::Tensor>& t, const at::Tensor& like,
+                             const char* op);
+
 // The data of `t` in contiguous memory: its own, or that of a contiguous copy kept alive
 // in `keep_alive` (for gradients and masks, which may have any strides).
 const void* contiguous_data(const at::Tensor& t, std::vector<at::Tensor>& keep_alive);
@@ -76,7 +82,7 @@ void masked_sgd_step_sparse(at::TensorList params, at::TensorList grads,
                             const c10::List<std::optional<at::Tensor>>& masks, double, double,
                             double momentum, double, bool, bool, bool, double truncation,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&) {
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
   check_masked_sgd_args(params, grads, momentum_buffers, masks, momentum, truncation, kDevice);
   TORCH_CHECK(false, "worm_fast.masked_sgd_step_: sparse tensors are not supported");
 }
@@ -89,7 +95,8 @@ void masked_adamw_step_sparse(at::TensorList params, at::TensorList grads,
                               double beta1, double beta2, double, double, bool amsgrad, bool,
                               double truncation, const std::optional<at::Tensor>&,
                               const std::optional<at::Tensor>&,
-                              const std::optional<at::Tensor>&, c10::string_view truncate) {
+                              const std::optional<at::Tensor>&, c10::string_view truncate,
+                              const std::optional<at::Tensor>&) {
   check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                           masks, beta1, beta2, truncation, amsgrad, truncate, kDevice);
   TORCH_CHECK(false, "worm_fast.masked_adamw_step_: sparse tensors are not supported");

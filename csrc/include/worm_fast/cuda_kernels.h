@@ -26,8 +26,9 @@ struct SgdTensor {
 
 // Hyperparameters of one step. The *_device pointers, when not null, override the
 // host values and are read by the kernel: lr_device and grad_scale_device point to one
-// element of the compute dtype (float, or double for float64 parameters), and
-// found_inf_device to a float32 flag that skips the whole step when nonzero.
+// element of the compute dtype (float, or double for float64 parameters),
+// found_inf_device to a float32 flag that skips the whole step when nonzero, and
+// truncation_device to r as a double.
 struct SgdStep {
   double lr;
   double weight_decay;
@@ -41,6 +42,7 @@ struct SgdStep {
   const void* lr_device;
   const void* grad_scale_device;
   const float* found_inf_device;
+  const double* truncation_device;
 };
 
 // All `count` tensors (of one dtype, `kind`) in as few launches as the tensor-list
@@ -78,6 +80,7 @@ struct AdamStep {
   const void* lr_device;
   const void* grad_scale_device;
   const float* found_inf_device;
+  const double* truncation_device;
 };
 
 // All `count` tensors (of one dtype, `kind`; empty ones too, whose step counts still

@@ -134,6 +134,15 @@ def _hamming_window_kernel(
         window_ptr += row_stride
 
 
+@triton.jit
+def _truncation(truncation_ptr, truncation_bits, like_ptr):
+    """r in the compute dtype of ``like_ptr``'s tensor: read from ``truncation_ptr`` (fp64)
+    when given, else from the bits of the float argument."""
+    if truncation_ptr is not None:
+        return _to_acc(tl.load(truncation_ptr), like_ptr)
+    return _from_bits(truncation_bits, like_ptr)
+
+
 @triton.jit(
     do_not_specialize=[
         "lr_bits",
@@ -151,6 +160,7 @@ def _masked_sgd_step_kernel(
     lr_ptr,  # None: use lr_bits
     grad_scale_ptr,
     found_inf_ptr,
+    truncation_ptr,  # None: use truncation_bits; else r as an fp64 scalar
     numel,
     lr_bits: tl.int64,
     weight_decay_bits: tl.int64,
@@ -182,7 +192,7 @@ def _masked_sgd_step_kernel(
         g = g / _to_acc(tl.load(grad_scale_ptr), param_ptr)
     if mask_ptr is not None:
         kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)
-        g = tl.where(kept, g, g * _from_bits(truncation_bits, param_ptr))
+        g = tl.where(kept, g, g * _truncation(truncation_ptr, truncation_bits, param_ptr))
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
@@ -228,6 +238,7 @@ def _masked_adamw_step_kernel(
     lr_ptr,  # None: use lr_bits and decay_bits
     grad_scale_ptr,
     found_inf_ptr,
+    truncation_ptr,  # None: use truncation_bits; else r as an fp64 scalar
     old_steps_ptr,  # fp32 copy of every step count, taken before the first launch
     step_ptr,  # this tensor's fp32 step count, advanced by program 0
     step_index,  # this tensor's entry in old_steps
@@ -284,7 +295,7 @@ def _masked_adamw_step_kernel(
     g = _to_acc(tl.load(grad_ptr + index, mask=inside), param_ptr)
     if grad_scale_ptr is not None:
         g = g / _to_acc(tl.load(grad_scale_ptr), param_ptr)
-    truncation = _from_bits(truncation_bits, param_ptr)
+    truncation = _truncation(truncation_ptr, truncation_bits, param_ptr)
     if mask_ptr is not None:  # noqa: SIM102  (compile-time conditions, one at a time)
         if TRUNCATE_GRADIENT:
             kept = _bits_of(tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0), bit)

@@ -148,6 +148,7 @@ def masked_sgd_step_(
     lr_tensor: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    truncation_tensor: torch.Tensor | None = None,
     *,
     lr: float,
     weight_decay: float,
@@ -165,7 +166,10 @@ def masked_sgd_step_(
     """
     _checks.check_sgd_step(
         params, grads, momentum_buffers, masks, momentum=momentum, truncation=truncation,
-        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        scalars=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
     )  # fmt: skip
     if not params:
         return
@@ -186,6 +190,7 @@ def masked_sgd_step_(
     for i, param in enumerate(params):
         _check_device(f"params[{i}]", param)
     lr_tensor, grad_scale, found_inf = _on_device(params[0], lr_tensor, grad_scale, found_inf)
+    truncation_tensor = _fp64_on_device(params[0], truncation_tensor)
     launches = []
     for i, (param, grad) in enumerate(zip(params, grads)):
         numel = param.numel()
@@ -195,8 +200,9 @@ def masked_sgd_step_(
             launches.append((param, grad.contiguous(), buf, mask, numel))
     for param, grad, buf, mask, numel in launches:
         wrap_triton(_masked_sgd_step_kernel)[(triton.cdiv(numel, SGD_BLOCK),)](
-            param, grad, buf, mask, lr_tensor, grad_scale, found_inf, numel, **bits, **flags
-        )
+            param, grad, buf, mask, lr_tensor, grad_scale, found_inf, truncation_tensor, numel,
+            **bits, **flags,
+        )  # fmt: skip
 
 
 @triton_op(
@@ -215,6 +221,7 @@ def masked_adamw_step_(
     lr_tensor: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    truncation_tensor: torch.Tensor | None = None,
     *,
     lr: float,
     beta1: float,
@@ -237,13 +244,17 @@ def masked_adamw_step_(
     _checks.check_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
         beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation, truncate=truncate,
-        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        scalars=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
     )  # fmt: skip
     if not params:
         return
     for i, param in enumerate(params):
         _check_device(f"params[{i}]", param)
     lr_tensor, grad_scale, found_inf = _on_device(params[0], lr_tensor, grad_scale, found_inf)
+    truncation_tensor = _fp64_on_device(params[0], truncation_tensor)
     launches = []
     for i, (param, grad) in enumerate(zip(params, grads)):
         states = [exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None]
@@ -280,6 +291,7 @@ def masked_adamw_step_(
             lr_tensor,
             grad_scale,
             found_inf,
+            truncation_tensor,
             old_steps,
             step,
             i,
@@ -391,22 +403,28 @@ def _(tensors, lo, shift, bits, stride=1):
 
 @masked_sgd_step_.register_fake
 def _(params, grads, momentum_buffers, masks, lr_tensor=None, grad_scale=None, found_inf=None,
-      *, momentum, truncation, **other):  # fmt: skip
+      truncation_tensor=None, *, momentum, truncation, **other):  # fmt: skip
     _checks.check_sgd_step(
         params, grads, momentum_buffers, masks, momentum=momentum, truncation=truncation,
-        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        scalars=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
         fake=True,
     )  # fmt: skip
 
 
 @masked_adamw_step_.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
-      lr_tensor=None, grad_scale=None, found_inf=None, *, beta1, beta2, amsgrad, truncation,
-      truncate="update", **other):  # fmt: skip
+      lr_tensor=None, grad_scale=None, found_inf=None, truncation_tensor=None, *, beta1, beta2,
+      amsgrad, truncation, truncate="update", **other):  # fmt: skip
     _checks.check_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
         beta1=beta1, beta2=beta2, amsgrad=amsgrad, truncation=truncation, truncate=truncate,
-        scalars=dict(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf),
+        scalars=dict(
+            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+            truncation_tensor=truncation_tensor,
+        ),
         fake=True,
     )  # fmt: skip
 
@@ -473,6 +491,12 @@ def _words(masks: torch.Tensor) -> torch.Tensor:
 def _on_device(like: torch.Tensor, *scalars: torch.Tensor | None) -> list:
     """Scalar tensors on ``like``'s device (a CPU one is allowed on every backend)."""
     return [None if t is None else t.to(like.device) for t in scalars]
+
+
+def _fp64_on_device(like: torch.Tensor, scalar: torch.Tensor | None) -> torch.Tensor | None:
+    """A scalar tensor as fp64 on ``like``'s device (the kernels read r in double, as
+    the float argument travels, and round it to the compute dtype)."""
+    return None if scalar is None else scalar.to(like.device, torch.float64).reshape(1)
 
 
 def _check_device(name: str, tensor: torch.Tensor) -> None:
