@@ -562,8 +562,15 @@ class EarlyBirdSearch:
     def _settle(self) -> None:
         """Take the newest masks as the ticket, warning if it collapses a layer."""
         self.ticket = self.candidate()
-        collapsed = self.ticket.collapsed() if self.placement.shards is None else []
-        if collapsed:  # (a rank's shard alone says nothing of its tensor)
+        if self.placement.shards is None:
+            collapsed = self.ticket.collapsed()
+        else:  # a rank's shard alone says nothing of its tensor: ask every shard, once
+            kept = [bool(mask.any()) for mask in self.ticket.packed.values()]
+            kept = self.placement.all_reduce(
+                torch.tensor(kept, dtype=torch.int64, device=self.placement.device)
+            )
+            collapsed = [name for name, k in zip(self.ticket.packed, kept.tolist()) if not k]
+        if collapsed:
             listed = ", ".join(collapsed[:3]) + (
                 f" and {len(collapsed) - 3} more" if len(collapsed) > 3 else ""
             )

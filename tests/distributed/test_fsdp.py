@@ -74,7 +74,10 @@ def test_collectives_of_a_check(ranks):
             histograms = [("all_reduce", rows * (2**b + 2) * 8) for b in (11, 11, 9)]
             exact = [("all_gather", 2 * tensors * 8)] if ties == "exact" else []
             counts = [("all_reduce", 4 * 8)]
-            assert result[(scope, ties)]["calls_of_last_check"] == histograms + exact + counts
+            settled = [("all_reduce", tensors * 8)]  # once: has a tensor lost every element?
+            assert result[(scope, ties)]["calls_of_last_check"] == (
+                histograms + exact + counts + settled
+            )
 
 
 def test_checkpoint_round_trip_resumes_exactly(ranks):
