@@ -6,8 +6,9 @@ at every check is the script's, evaluations that return the script's accuracies 
 note the model they were given), and a clock that moves only by the script's durations
 (10 s per search epoch, 7 s per retrain epoch, 1 s per evaluation)."""
 
+import math
 import types
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pytest
 import torch
@@ -17,8 +18,18 @@ from worm_fast.experiments import pipeline, report, variants
 from worm_fast.experiments.config import RunConfig
 from worm_fast.experiments.train import EpochResult, classify_images
 from worm_fast.experiments.variants import compare_variants, run_variants
-from worm_fast.experiments.workloads import Workload
-from worm_fast.profiling import mask_check_cost, phases, sgd_step_cost
+from worm_fast.experiments.workloads import Workload, make_optimizer
+from worm_fast.profiling import (
+    OpCost,
+    adamw_step_cost,
+    mask_check_cost,
+    penalty_step_cost,
+    phases,
+    sgd_step_cost,
+)
+from worm_fast.rl import policy as rl_policy
+from worm_fast.rl.observation import CONTINUE, STOP, ObservationLayout
+from worm_fast.search import NonFiniteError
 
 CHANNELS = 8  # BatchNorm γ: the representative parameters; p = 0.5 keeps 3 (|γ| > the 5th)
 STEPS, TRAIN_SAMPLES, TEST_SAMPLES = 3, 10, 6  # per epoch; counted into the FLOPs
@@ -61,36 +72,54 @@ def config(**overrides) -> RunConfig:
 @dataclass
 class Script:
     """What the workload of one run does: the masks of its checks, the top-1 accuracy of
-    each evaluation (top-5: 5 more), and the models it evaluated."""
+    each evaluation (top-5: 5 more), and what training and evaluation were handed."""
 
     masks: list[set[int]]
     search: list[float]  # one per trained search epoch
-    pruned: float
+    pruned: float | None
     retrain: list[float]
+    progress: bool = False  # what run() is told
+    interrupt: tuple[str, int] | None = None  # Ctrl-C in this (phase, epoch)
     now: float = 0.0
-    evaluated: list[tuple[str, nn.Module]] = field(default_factory=list)
     phase: str = "search"
+    evaluated: list[tuple[str, nn.Module]] = field(default_factory=list)
+    trained: list[dict] = field(default_factory=list)  # per epoch: what train_epoch got
+    workload: Workload | None = None
+    config: RunConfig | None = None
 
     def clock(self) -> float:
         return self.now
 
     def set_mask(self, model: nn.Module) -> None:
-        kept = self.masks.pop(0)
+        kept = self.masks.pop(0) or set()  # None: the training diverged
         values = [2.0 + 0.1 * i if i in kept else 0.5 + 0.01 * i for i in range(CHANNELS)]
+        if not kept:
+            values = [math.nan] * CHANNELS
         with torch.no_grad():
             model[1].weight.copy_(torch.tensor(values))
 
-    def train_epoch(self, model, loader, optimizer, *, description, **_) -> EpochResult:
+    def train_epoch(self, model, loader, optimizer, *, device, forward, progress, description,
+                    penalty=None, scheduler=None) -> EpochResult:  # fmt: skip
         self.phase = "search" if " search " in description else "retrain"
+        epoch = int(description.split()[-1])
+        assert description == f"{self.config.mode} {self.phase} epoch {epoch}"
+        assert loader is self.workload.train_loader and forward is classify_images
+        assert device == torch.device("cpu") and progress is self.progress
+        assert _held(optimizer) == [id(p) for p in model.parameters()]
+        self.trained.append(dict(phase=self.phase, model=model, optimizer=optimizer,
+                                 penalty=penalty, scheduler=scheduler))  # fmt: skip
+        if self.interrupt == (self.phase, epoch):
+            raise KeyboardInterrupt
         if self.phase == "search":
             self.set_mask(model)
         seconds = SEARCH_SECONDS if self.phase == "search" else RETRAIN_SECONDS
         self.now += seconds
-        epoch = int(description.split()[-1])
         loss = 1.0 / epoch if self.phase == "search" else 0.5 / epoch
-        return EpochResult(loss, 50.0, seconds, STEPS, [loss] * STEPS)
+        return EpochResult(loss, 50.0 + epoch, seconds, STEPS, [loss] * STEPS)
 
     def accuracies(self, model, loader, *, device, forward, ks) -> dict[int, float]:
+        assert loader is self.workload.eval_loader and forward is classify_images
+        assert device == torch.device("cpu") and ks == ((1,) if self.config.is_text else (1, 5))
         self.now += EVAL_SECONDS
         if self.phase == "search" and self.search:
             top1 = self.search.pop(0)
@@ -100,6 +129,10 @@ class Script:
             top1 = self.retrain.pop(0)
         self.evaluated.append((self.phase, model))
         return {k: top1 + 5 * (k > 1) for k in ks}
+
+
+def _held(optimizer) -> list[int]:
+    return [id(p) for group in optimizer.param_groups for p in group["params"]]
 
 
 @pytest.fixture
@@ -117,10 +150,13 @@ def scripted(monkeypatch):
             model.load_state_dict(initial_state)
         if config.first_check == "init":  # the mask of the check at initialization
             script.set_mask(model)
-        batches = [(torch.randn(2, 1, 4, 4), torch.tensor([0, 1]))] * STEPS
+        train = [(torch.randn(2, 1, 4, 4), torch.tensor([0, 1]))] * STEPS
+        evaluation = train[:1]
         example = torch.randn(1, 1, 4, 4)
-        return Workload(model, batches, batches, classify_images, example, TRAIN_SAMPLES,
-                        TEST_SAMPLES)  # fmt: skip
+        script.config = config
+        script.workload = Workload(model, train, evaluation, classify_images, example,
+                                   TRAIN_SAMPLES, TEST_SAMPLES)  # fmt: skip
+        return script.workload
 
     def delegate(name):
         return lambda *args, **kwargs: getattr(current[0], name)(*args, **kwargs)
@@ -140,11 +176,16 @@ def settling_script(**changes) -> Script:
     return Script(**{**values, **changes})
 
 
-def optimizer_flops(model_channels: int, masked: int) -> int:
-    model = tiny_cnn(model_channels)
-    cost = sgd_step_cost(model.parameters(), momentum=0.9, masked_numel=masked,
-                         weight_decay=1e-4)  # fmt: skip
-    return cost.flops * STEPS
+def step_cost(channels: int, masked: int, momentum=0.9, weight_decay=1e-4) -> OpCost:
+    """The optimizer's cost over an epoch (STEPS steps) of tiny_cnn with ``channels``."""
+    model = tiny_cnn(channels)
+    cost = sgd_step_cost(model.parameters(), momentum=momentum, masked_numel=masked,
+                         weight_decay=weight_decay)  # fmt: skip
+    return cost * STEPS
+
+
+def optimizer_flops(channels: int, masked: int) -> int:
+    return step_cost(channels, masked).flops
 
 
 def epoch_flops(channels: int) -> int:
@@ -199,12 +240,31 @@ def test_a_worm_run_reports_what_its_script_says(scripted, first_check):
     retrain = 3 * (epoch_flops(8) + optimizer_flops(8, masked=0))
     assert metrics["search_flops"] == search
     assert metrics["total_flops"] == search + prune + retrain
+    assert all(isinstance(metrics[key], int) for key in ("search_flops", "total_flops"))
     profile = {row["phase"]: row for row in [*result.profile["phases"], result.profile["total"]]}
     assert [profile[name]["steps"] for name in ("search", "prune", "retrain", "total")] == [
         trained * STEPS, 0, 3 * STEPS, (trained + 3) * STEPS,
     ]  # fmt: skip
     assert profile["search"]["mask_flops"] == masks
     assert profile["prune"]["duration"] == EVAL_SECONDS
+    truncated = step_cost(8, masked=CHANNELS)
+    assert profile["search"]["optimizer_bytes"] == (
+        (trained - 1) * step_cost(8, masked=0).bytes + truncated.bytes
+    )
+    assert profile["retrain"]["optimizer_bytes"] == 3 * step_cost(8, masked=0).bytes
+
+    # Training got the search's optimizer, truncating after the trigger check, then a
+    # fresh one for the pruned model; no penalty, no schedule.
+    script = scripted["worm", 0]
+    searching = [call for call in script.trained if call["phase"] == "search"]
+    retraining = [call for call in script.trained if call["phase"] == "retrain"]
+    search_optimizer = searching[0]["optimizer"]
+    assert all(call["optimizer"] is search_optimizer for call in searching)
+    assert search_optimizer.truncation == 3e-3
+    assert all(call["optimizer"] is retraining[0]["optimizer"] for call in retraining)
+    assert retraining[0]["optimizer"] is not search_optimizer
+    assert retraining[0]["optimizer"].truncation == 1.0
+    assert all(call["penalty"] is call["scheduler"] is None for call in script.trained)
 
     # One row per check and epoch, as they happened.
     rows = [(row["phase"], row["epoch"]) for row in result.rows]
@@ -216,11 +276,19 @@ def test_a_worm_run_reports_what_its_script_says(scripted, first_check):
     assert [row["r"] for row in searched] == [1.0, 1.0, 3e-3, 3e-3]
     assert [row["triggered"] for row in searched] == [False, False, True, False]
     assert [row["converged"] for row in searched] == [False, False, False, True]
-    trained_rows = [row for row in searched if "loss" in row]
-    assert [row["loss"] for row in trained_rows] == [1 / e for e in range(1, trained + 1)]
-    assert [row["test_accuracy"] for row in result.rows if row["phase"] == "retrain"] == [
-        70.0, 72.0, 90.0,
-    ]  # fmt: skip
+    last, pruning, retrained = result.rows[-5], result.rows[-4], result.rows[-1]
+    assert last == dict(
+        phase="search", epoch=trained, loss=1 / trained, train_accuracy=50.0 + trained,
+        test_accuracy=80.0, test_top5_accuracy=85.0, seconds=SEARCH_SECONDS, steps=STEPS,
+        batch_losses=[1 / trained] * STEPS, d_max=0.0, d_avg=0.0, r=3e-3, triggered=False,
+        converged=True, window_full=True,
+    )  # fmt: skip
+    assert pruning == dict(phase="prune", epoch=0, test_accuracy=60.0, test_top5_accuracy=65.0)
+    assert retrained == dict(
+        phase="retrain", epoch=3, loss=0.5 / 3, train_accuracy=53.0, test_accuracy=90.0,
+        test_top5_accuracy=95.0, seconds=RETRAIN_SECONDS, steps=STEPS,
+        batch_losses=[0.5 / 3] * STEPS,
+    )  # fmt: skip
 
 
 def test_a_structured_run_measures_and_counts_the_pruned_model(scripted):
@@ -332,3 +400,178 @@ def test_the_tables_print_the_runs_numbers(scripted):
     assert worm["Total Time"] == f"{(69 + 80) / 2:.0f}s"
     assert (eb["Pre-Pruned Top-5"], worm["Top-5 after One Epoch"]) == ("90.00%", "55.00%")
     assert eb["Runs"] == worm["Runs"] == "2"
+
+
+# -- what the run hands the search, training, the profiler -----------------------------
+
+
+def test_the_search_takes_every_setting_of_the_run():
+    model = tiny_cnn()
+    run_config = config(
+        mode="truncate", prune_ratio=0.25, stop_distance=0.3, window=4, trigger_margin=0.1,
+        truncation=0.5, scope="per_tensor", ties="exact", first_check="init",
+        representative=("1.weight",), backend="reference",
+    )  # fmt: skip
+    optimizer = make_optimizer(run_config, model.parameters())
+    search = pipeline.make_search(run_config, model, optimizer)
+    assert search.config == dict(
+        mode="truncate", prune_ratio=0.25, stop_distance=0.3, window=4, trigger_margin=0.1,
+        truncation=0.5, scope="per_tensor", ties="exact", first_check="init",
+    )  # fmt: skip
+    assert list(search.params) == ["1.weight"] and search.optimizer is optimizer
+    assert search.backend == "reference"
+    assert pipeline.make_search(config(), model, optimizer).backend is None  # "auto"
+
+
+def test_gradient_and_rl_runs_pass_their_own_settings(tmp_path):
+    gradient = config(mode="gradient", distance_weight=0.5, duration_weight=0.25,
+                      temperature=0.125)  # fmt: skip
+    assert pipeline.search_mode_options(gradient) == dict(
+        distance_weight=0.5, duration_weight=0.25, temperature=0.125
+    )
+    policy = tmp_path / "policy.zip"
+    policy.write_bytes(b"")
+    rl = config(mode="rl", policy=str(policy), max_epochs=7)
+    assert pipeline.search_mode_options(rl) == dict(policy=str(policy), max_checks=7)
+    assert pipeline.search_mode_options(config()) == {}
+
+
+def test_a_linear_schedule_spans_each_phase(scripted):
+    script = scripted["worm", 0] = settling_script(progress=True)
+    pipeline.run(config(lr_schedule="linear", max_epochs=6, retrain_epochs=3), progress=True)
+    search = [call for call in script.trained if call["phase"] == "search"]
+    retrain = [call for call in script.trained if call["phase"] == "retrain"]
+    for calls, epochs in ((search, 6), (retrain, 3)):
+        scheduler = calls[0]["scheduler"]
+        assert all(call["scheduler"] is scheduler for call in calls)
+        assert scheduler.optimizer is calls[0]["optimizer"]
+        decay = scheduler.lr_lambdas[0]  # to 0 at the phase's last step, not before
+        assert (decay(0), decay(epochs * STEPS)) == (1.0, 0.0) and decay(epochs * STEPS - 1) > 0
+
+
+def test_a_gradient_run_adds_its_penalty_and_counts_it(scripted):
+    script = scripted["gradient", 0] = settling_script()
+    result = pipeline.run(config(mode="gradient"))
+    metrics = result.metrics
+    # EB's rule stops at the fourth check; nothing is truncated.
+    assert metrics["search_epochs"] == 4 and metrics["converged"]
+    assert metrics["trigger_epoch"] is None and not metrics["trigger_possible"]
+    # No penalty before the first mask; then the search's, read over the masks held
+    # before each epoch's check: 1, 2, 2 (window 2).
+    penalties = [call["penalty"] for call in script.trained if call["phase"] == "search"]
+    assert penalties[0] is None
+    assert all(penalty.__name__ == "penalty" for penalty in penalties[1:])
+    assert penalties[1]().ndim == 0
+    mask_flops = 4 * mask_check_cost(CHANNELS, window=2).flops + STEPS * sum(
+        penalty_step_cost(CHANNELS, rows=rows).flops for rows in (1, 2, 2)
+    )
+    assert result.profile["phases"][0]["mask_flops"] == mask_flops
+
+
+def test_an_rl_run_shows_its_policy_the_training_loss(scripted, monkeypatch, tmp_path):
+    seen = []
+
+    def policy(observation):  # continue twice, then stop
+        seen.append(observation)
+        return STOP if len(seen) == 3 else CONTINUE
+
+    monkeypatch.setattr(rl_policy, "load_policy", lambda path: policy)
+    (tmp_path / "policy.zip").write_bytes(b"")
+    scripted["rl", 0] = settling_script(masks=list(NEVER_SETTLING), search=[30.0, 40.0, 80.0])
+    metrics = pipeline.run(config(mode="rl", policy=str(tmp_path / "policy.zip"))).metrics
+    assert metrics["converged"] and metrics["search_epochs"] == 3
+    assert metrics["trigger_possible"] and metrics["trigger_epoch"] is None
+    # After 3 of at most 6 checks; training losses 1, 1/2, 1/3: a trend of -2/3.
+    layout = ObservationLayout()
+    fraction, trend = (seen[-1][layout.names.index(name)] for name in ("epoch_fraction",
+                                                                        "loss_trend"))  # fmt: skip
+    assert (fraction, trend) == pytest.approx((3 / 6, -2 / 3))
+
+
+def test_a_text_run_reports_top_1_only(scripted):
+    scripted["worm", 0] = settling_script()
+    result = pipeline.run(config(task="rt-polarity", model=None, representative=("1.weight",)))
+    metrics = result.metrics
+    assert metrics["pre_pruned_accuracy"] == 80.0 and metrics["retrain_accuracy_1"] == 70.0
+    for key in ("pre_pruned_top5_accuracy", "pruned_top5_accuracy", "retrain_top5_accuracy_1"):
+        assert metrics[key] is None, key
+    assert all(row.get("test_top5_accuracy") is None for row in result.rows)
+    # A text run fine-tunes with AdamW: its optimizer cost.
+    cost = adamw_step_cost(tiny_cnn().parameters(), masked_numel=0, weight_decay=1e-4) * STEPS
+    retrain = result.profile["phases"][-1]
+    assert (retrain["optimizer_flops"], retrain["optimizer_bytes"]) == (
+        3 * cost.flops, 3 * cost.bytes,
+    )  # fmt: skip
+
+
+def test_plain_sgd_costs_less_than_sgd_with_momentum_and_decay(scripted):
+    scripted["worm", 0] = settling_script()
+    result = pipeline.run(config(momentum=0.0, weight_decay=0.0))
+    retrain = result.profile["phases"][-1]
+    cost = step_cost(8, masked=0, momentum=0.0, weight_decay=0.0)
+    assert (retrain["optimizer_flops"], retrain["optimizer_bytes"]) == (
+        3 * cost.flops, 3 * cost.bytes,
+    )  # fmt: skip
+    assert cost.flops < step_cost(8, masked=0).flops
+
+
+@pytest.mark.parametrize("truncation, possible", [(1.0, False), (0.25, True)])
+def test_a_trigger_is_reported_only_where_truncation_can_happen(scripted, truncation, possible):
+    # Mode truncate switches r on at the first check; with r = 1 nothing is truncated.
+    scripted["truncate", 0] = settling_script()
+    result = pipeline.run(config(mode="truncate", truncation=truncation))
+    metrics = result.metrics
+    assert metrics["trigger_possible"] == possible
+    assert metrics["trigger_epoch"] == (1 if possible else None)
+    assert [row["r"] for row in result.rows if row["phase"] == "search"] == [truncation] * 4
+
+
+def test_a_run_without_retraining(scripted):
+    scripted["worm", 0] = settling_script(retrain=[])
+    metrics = pipeline.run(config(retrain_epochs=0)).metrics
+    assert metrics["retrain_seconds"] == 0.0
+    for key in ("retrain_accuracy_1", "retrain_top5_accuracy_1", "accuracy_gain_1",
+                "restore_epochs", "time_to_restore_seconds"):  # fmt: skip
+        assert metrics[key] is None, key
+    assert metrics["total_seconds"] == 4 * 11.0 + 1.0
+
+
+def test_an_absolute_restore_target(scripted):
+    scripted["worm", 0] = settling_script()
+    metrics = pipeline.run(config(restore_target="absolute:71")).metrics
+    assert metrics["restore_target"] == "absolute:71" and metrics["restore_epochs"] == 2
+
+
+@pytest.mark.parametrize("phase, epoch", [("search", 3), ("retrain", 2)])
+def test_an_interrupted_run_publishes_the_finished_epochs(scripted, phase, epoch):
+    scripted["worm", 0] = settling_script(interrupt=(phase, epoch))
+    published = []
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config(), on_row=published.append)
+    result = published[-1]
+    assert result.status == "interrupted"
+    finished = [(row["phase"], row["epoch"]) for row in result.rows]
+    assert finished[-1] == ((phase, epoch - 1) if phase == "search" else ("retrain", 1))
+    assert [row["phase"] for row in result.profile["phases"]][-1] == phase
+
+
+def test_a_diverged_run_is_published_as_failed(scripted):
+    scripted["worm", 0] = settling_script(masks=[{0, 1, 2}, None])
+    published = []
+    with pytest.raises(NonFiniteError):
+        pipeline.run(config(), on_row=published.append)
+    result = published[-1]
+    assert result.status == "failed" and "NaN or inf" in result.error
+    assert [(row["phase"], row["epoch"]) for row in result.rows] == [("search", 1), ("search", 2)]
+    assert result.profile["phases"][0]["phase"] == "search"
+
+
+def test_initial_weights_and_carbon_settings_reach_the_run(scripted):
+    script = scripted["worm", 0] = settling_script()
+    start = tiny_cnn().state_dict()
+    start["0.weight"] = torch.full_like(start["0.weight"], 0.5)
+    result = pipeline.run(config(carbon_intensity=400.0, pue=1.5), initial_state=start)
+    assert torch.equal(script.trained[0]["model"][0].weight, start["0.weight"])
+    assert result.config == asdict(config(carbon_intensity=400.0, pue=1.5))
+    total = result.profile["total"]
+    assert (total["carbon_intensity"], total["pue"]) == (400.0, 1.5)
