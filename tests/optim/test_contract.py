@@ -1,0 +1,117 @@
+"""The optimizers' contract beyond their steps: the defaults and argument checks of the
+torch optimizers they replace, clearing truncation, and loading states that are wrong in
+one way only."""
+
+import copy
+
+import pytest
+import torch
+
+from tests.utils import fill_grads, make_params, random_bool_masks
+from worm_fast import WormAdamW, WormSGD
+
+PAIRS = [(WormSGD, torch.optim.SGD), (WormAdamW, torch.optim.AdamW)]
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS, ids=["sgd", "adamw"])
+def test_defaults_are_torchs(ours, theirs):
+    params = make_params((3,), torch.float32)
+    mine, torchs = ours(params).defaults, theirs(params).defaults
+    assert {key: mine[key] for key in torchs if key in mine} == {
+        key: torchs[key] for key in torchs if key in mine
+    }
+    assert set(mine) >= {"lr", "weight_decay", "maximize"}
+
+
+ARGUMENTS = {
+    WormSGD: [
+        dict(lr=0.0), dict(lr=-1e-3), dict(lr=torch.tensor([0.1])),
+        dict(lr=torch.tensor([0.1, 0.2])), dict(momentum=0.0), dict(momentum=-0.1),
+        dict(weight_decay=0.0), dict(weight_decay=-1e-4), dict(momentum=0.9, nesterov=True),
+        dict(momentum=0.0, nesterov=True), dict(momentum=0.9, dampening=0.1, nesterov=True),
+    ],
+    WormAdamW: [
+        dict(lr=0.0), dict(lr=-1e-3), dict(lr=torch.tensor([0.1])),
+        dict(lr=torch.tensor([0.1, 0.2])), dict(eps=0.0), dict(eps=-1e-8),
+        dict(betas=(0.0, 0.0)), dict(betas=(1.0, 0.9)), dict(betas=(0.9, 1.0)),
+        dict(betas=(-0.1, 0.9)), dict(betas=(0.9, 1.5)), dict(weight_decay=0.0),
+        dict(weight_decay=-1e-2),
+    ],
+}  # fmt: skip
+CASES = [(ours, theirs, kwargs) for ours, theirs in PAIRS for kwargs in ARGUMENTS[ours]]
+
+
+@pytest.mark.parametrize("ours, theirs, kwargs", CASES)
+def test_arguments_are_accepted_exactly_where_torch_accepts_them(ours, theirs, kwargs):
+    params = make_params((3,), torch.float32)
+
+    def accepts(optimizer_class) -> bool:
+        try:
+            optimizer_class(params, **kwargs)
+        except ValueError:
+            return False
+        return True
+
+    assert accepts(ours) == accepts(theirs), kwargs
+
+
+@pytest.mark.parametrize("optimizer_class", [WormSGD, WormAdamW])
+def test_cleared_truncation_steps_like_no_truncation(optimizer_class):
+    params, plain = make_params((65, 7), torch.float32), make_params((65, 7), torch.float32)
+    optimizer, reference = optimizer_class(params, lr=0.1), optimizer_class(plain, lr=0.1)
+    optimizer.set_truncation(random_bool_masks(params, 0.5), 0.1)
+    optimizer.clear_truncation()
+    assert optimizer.truncation == 1.0 and optimizer.truncation_masks == {}
+    for step in range(2):
+        fill_grads(params, step)
+        fill_grads(plain, step)
+        optimizer.step()
+        reference.step()
+    for ours, theirs in zip(params, plain):
+        assert torch.equal(ours, theirs)
+
+
+def saved(optimizer_class=WormSGD):
+    params = make_params((65, 7), torch.float32)
+    optimizer = optimizer_class(params, lr=0.1, **(
+        dict(momentum=0.9) if optimizer_class is WormSGD else {}))  # fmt: skip
+    fill_grads(params, 0)
+    optimizer.step()
+    optimizer.set_truncation(random_bool_masks(params, 0.5), 0.5)
+    return optimizer, copy.deepcopy(optimizer.state_dict())
+
+
+def test_a_mask_for_a_parameter_past_the_last_is_refused():
+    optimizer, state = saved()
+    state["worm_truncation"]["masks"][2] = state["worm_truncation"]["masks"][1]
+    with pytest.raises(ValueError, match="truncation mask for unknown param 2"):
+        optimizer.load_state_dict(state)
+
+
+def test_a_saved_mask_that_is_not_a_tensor_is_refused():
+    optimizer, state = saved()
+    state["worm_truncation"]["masks"][1] = state["worm_truncation"]["masks"][1].tolist()
+    with pytest.raises(TypeError, match="masks must be tensors, got list"):
+        optimizer.load_state_dict(state)
+
+
+def test_state_of_an_unknown_parameter_does_not_hide_a_bad_one():
+    # Entries of ids no group names are torch's to judge; the next entry is still checked.
+    optimizer, state = saved()
+    state["state"] = {99: {}, **state["state"]}
+    state["state"][1]["momentum_buffer"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="saved momentum_buffer of param 1"):
+        optimizer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("step", [3, 3.0, torch.tensor(3.0, dtype=torch.float64)])
+def test_adamw_steps_load_as_float32_scalars_on_the_parameters_device(step):
+    # torch.optim.AdamW saves its step as a CPU tensor (a number in older releases).
+    optimizer, state = saved(WormAdamW)
+    for entry in state["state"].values():
+        entry["step"] = step
+    optimizer.load_state_dict(state)
+    for param in optimizer.param_groups[0]["params"]:
+        loaded = optimizer.state[param]["step"]
+        assert isinstance(loaded, torch.Tensor) and loaded.dtype == torch.float32
+        assert loaded.shape == () and loaded.item() == 3.0 and loaded.device == param.device
