@@ -9,7 +9,8 @@ import torch
 from tests.test_reliability_state import assert_same, capture
 from tests.test_search_boundaries import masks_at, packed
 from tests.test_search_rule import BASE, NUMEL, make_search, script
-from worm_fast import WormAdamW, WormSGD
+from worm_fast import WormAdamW, WormSGD, ops
+from worm_fast.masks import MaskWindow
 from worm_fast.search import EarlyBirdSearch
 
 R = 3e-3
@@ -170,3 +171,54 @@ def test_an_optimizer_load_that_fails_late_keeps_its_truncation(optimizer_class,
         optimizer.load_state_dict(state)
     assert_same(before, capture(optimizer))
     assert optimizer.truncation == 0.5
+
+
+# -- a saved mask window, wrong in one way at a time ---------------------------------------
+
+
+def saved_window(numel=17, pushed=2):
+    """A window of 3 over ``numel`` elements, its state after ``pushed`` masks."""
+    window = MaskWindow(3, numel)
+    for k in range(pushed):
+        window.push(ops.pack_mask(torch.arange(float(numel)).roll(k), numel / 2))
+    return window, copy.deepcopy(window.state_dict())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(length=4), "length 4 over 17"),
+        (dict(numel=16), "length 3 over 16"),
+        (dict(count=-1), "count must be an int >= 0, got -1"),
+        (dict(count=2.0), "count must be an int >= 0, got 2.0"),
+        (dict(count=True), "count must be an int >= 0, got True"),
+        (dict(rows=[[0]]), "rows must be uint8"),
+        (dict(rows=torch.zeros(3, 8, dtype=torch.int16)), "rows must be uint8"),
+        (dict(rows=torch.zeros(24, dtype=torch.uint8)), "rows must be uint8"),
+        (dict(rows=torch.zeros(2, 8, dtype=torch.uint8)), "rows must be uint8"),
+        # 17 elements need 3 bytes: 2 hold 16 bits.
+        (dict(rows=torch.zeros(3, 2, dtype=torch.uint8)), "nbytes \\* 8 >= 17"),
+    ],
+)
+def test_a_window_state_wrong_in_one_way_is_refused_and_changes_nothing(change, message):
+    window, state = saved_window()
+    before = capture(window)
+    with pytest.raises(ValueError, match=message):
+        window.load_state_dict({**state, **change})
+    assert_same(before, capture(window))
+
+
+def test_a_window_state_of_exactly_enough_bytes_loads():
+    _, state = saved_window(numel=16)
+    fresh = MaskWindow(3, 16)
+    fresh.load_state_dict({**state, "rows": state["rows"][:, :2]})  # 2 bytes: 16 bits
+    assert fresh.count == 2 and fresh.rows.shape == (3, 2)
+
+
+def test_an_empty_window_state_takes_any_first_mask():
+    _, state = saved_window(pushed=0)
+    window = MaskWindow(3, 17)
+    window.load_state_dict(state)
+    window.push(torch.zeros(8, dtype=torch.uint8))  # the first mask fixes the width
+    assert window.count == 1 and window.rows.shape == (3, 8)
+    assert window.distances().shape == (0,)
