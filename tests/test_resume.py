@@ -222,3 +222,79 @@ def test_an_empty_window_state_takes_any_first_mask():
     window.push(torch.zeros(8, dtype=torch.uint8))  # the first mask fixes the width
     assert window.count == 1 and window.rows.shape == (3, 8)
     assert window.distances().shape == (0,)
+
+
+# -- a search's whole state -----------------------------------------------------------------
+
+
+def test_a_converged_search_resumes_with_its_ticket():
+    search, param = make_search(window=3)
+    for kept in masks_at((2, 0)):  # d_max below s at the third check
+        script(param, kept)
+        search.check()
+    assert search.converged
+    resumed, _ = make_search(window=3)
+    resumed.load_state_dict(copy.deepcopy(search.state_dict()))
+    assert resumed.converged and resumed.ticket.epoch == search.ticket.epoch == 3
+    assert torch.equal(resumed.ticket.packed["w"], search.ticket.packed["w"])
+    with pytest.raises(RuntimeError, match="converged at check 3"):
+        resumed.check()
+
+
+def test_an_rl_search_resumes_with_what_its_policy_saw():
+    search, param = make_search(mode="rl", window=3, max_checks=5)
+    for loss, kept in zip((3.0, 2.0), TRIGGERING):
+        script(param, kept)
+        search.check(train_loss=loss)
+    state = copy.deepcopy(search.state_dict())
+    resumed, resumed_param = make_search(mode="rl", window=3, max_checks=5)
+    resumed.load_state_dict(state)
+    assert resumed.features == search.features
+    assert resumed.observation.tolist() == search.observation.tolist()
+    # The next check's observation continues the loss trend across the resume.
+    for each, each_param in ((search, param), (resumed, resumed_param)):
+        script(each_param, TRIGGERING[2])
+        each.check(train_loss=1.0)
+    assert resumed.observation.tolist() == search.observation.tolist()
+    del state["features"]  # saved before WORM-RL existed
+    old, _ = make_search(mode="rl", window=3, max_checks=5)
+    old.load_state_dict(state)
+    assert old.features == [] and old.observation is None
+
+
+@pytest.mark.parametrize("first_check", ["epoch", "init"])
+def test_a_saved_trigger_must_be_the_epoch_of_a_saved_check(first_check):
+    # Three checks: epochs 1, 2, 3 (or 0, 1, 2 with a check at initialization).
+    search, param = make_search(window=3, first_check=first_check)
+    for kept in TRIGGERING:
+        script(param, kept)
+        search.check()
+    state = copy.deepcopy(search.state_dict())
+    first, last = (1, 3) if first_check == "epoch" else (0, 2)
+    for triggered_at in (first, last):
+        resumed, _ = make_search(window=3, first_check=first_check)
+        resumed.load_state_dict({**state, "triggered_at": triggered_at})
+        assert resumed.triggered_at == triggered_at
+    for bad in (first - 1, last + 1, str(last), float(last)):
+        resumed, _ = make_search(window=3, first_check=first_check)
+        with pytest.raises(ValueError, match="triggered_at must be None or the epoch"):
+            resumed.load_state_dict({**state, "triggered_at": bad})
+
+
+@pytest.mark.parametrize("r, accepted", [(0.0, True), (1.0, True), (-0.1, False), (1.5, False)])
+def test_a_saved_truncation_factor_must_be_in_0_1(r, accepted):
+    state, values = saved_search()
+    _, optimizer, search = fresh(WormSGD, values)
+    if accepted:
+        search.load_state_dict({**state, "r": r})
+        assert search.r == optimizer.truncation == r
+    else:
+        with pytest.raises(ValueError, match=r"r must be in \[0, 1\]"):
+            search.load_state_dict({**state, "r": r})
+
+
+def test_a_bad_saved_record_is_refused_naming_it():
+    state, values = saved_search()
+    state["records"][0]["unknown"] = 1
+    with pytest.raises(ValueError, match=r"bad record or ticket: .*unknown"):
+        fresh(WormSGD, values)[2].load_state_dict(state)

@@ -165,3 +165,13 @@ def test_act_from_outside_decides_about_the_last_check(first_check):
     assert stopped.converged and stopped.triggered and search.ticket.epoch == epoch
     with pytest.raises(RuntimeError, match="not after the search has stopped"):
         search.act(CONTINUE)
+
+
+@pytest.mark.parametrize("action", [-1, 3])
+def test_act_refuses_an_action_out_of_range(action):
+    search, param = make_search(mode="rl", window=3, max_checks=5)
+    script(param, BASE)
+    search.check()
+    with pytest.raises(ValueError, match=f"action must be an index of .*, got {action}"):
+        search.act(action)
+    assert not search.converged and search.triggered_at is None
