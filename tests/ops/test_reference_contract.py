@@ -1,0 +1,101 @@
+"""The oracle's own contract, where comparing two backends cannot show a slip: its
+status, the precision each op computes in (a float64 threshold is rounded to the
+values' compute dtype; half-precision steps run in fp32, so an intermediate that would
+overflow fp16 does not), edge hyperparameters, and the scalar tensors it refuses."""
+
+import pytest
+import torch
+
+from tests.utils import kernels_of
+from worm_fast import ops
+from worm_fast.backends import BackendStatus, reference
+
+
+def test_status():
+    assert reference.status() == BackendStatus("reference", True, "pure torch, any device", None)
+
+
+def test_a_float64_threshold_is_rounded_to_the_values_compute_dtype(backend_device):
+    # 1 - 1e-12 is 1.0 in float32: a float32 1.0 is not above it, so it is pruned.
+    values = torch.tensor([1.0, 2.0, 0.5], device=backend_device[1])
+    threshold = torch.tensor(1.0 - 1e-12, dtype=torch.float64, device=backend_device[1])
+    packed = kernels_of(backend_device).pack_mask(values, threshold)
+    assert ops.unpack_mask(packed.cpu(), 3).tolist() == [False, True, False]
+
+
+def sgd(backend_device, dtype, values, **hyper):
+    """One masked_sgd_step_ of (param, grad, buffer) ``values`` in ``dtype``, no mask."""
+    device = backend_device[1]
+    param, grad, buffer = (torch.tensor([v], dtype=dtype, device=device) for v in values)
+    kwargs = dict(lr=0.25, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+                  maximize=False, is_first_step=False, truncation=1.0)  # fmt: skip
+    kwargs.update(hyper)
+    buffers = [buffer] if kwargs["momentum"] else []
+    kernels_of(backend_device).masked_sgd_step_([param], [grad], buffers, [], **kwargs)
+    return param.item(), buffer.item()
+
+
+def test_half_precision_sgd_computes_in_float32(backend_device):
+    # weight_decay * p = 120000 overflows fp16 (65504): in fp32, g = 120001 and
+    # p - 0.25 * g = 30000 - 0.25 fits.
+    param, _ = sgd(backend_device, torch.float16, (60000.0, 1.0, 0.0), weight_decay=2.0)
+    assert param == torch.tensor(60000.0 - 0.25 * 120001.0, dtype=torch.float16).item()
+    # Momentum: b = 0.5 * 60000 + 60000 = 90000 overflows fp16 unless computed in fp32;
+    # p = 30000 - 0.25 * 90000 fits.
+    param, buffer = sgd(backend_device, torch.float16, (30000.0, 60000.0, 60000.0),
+                        momentum=0.5)  # fmt: skip
+    assert param == 30000.0 - 0.25 * 90000.0 and buffer == float("inf")  # stored in fp16
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+def test_sgd_with_unit_momentum_or_decay_is_torchs(backend_device, momentum, weight_decay):
+    device = backend_device[1]
+    param = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, device=device)
+    grad = torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64, device=device)
+    buffer = torch.tensor([0.125, -0.5, 2.0], dtype=torch.float64, device=device)
+    theirs = torch.nn.Parameter(param.clone())
+    optimizer = torch.optim.SGD([theirs], lr=0.25, momentum=momentum, weight_decay=weight_decay)
+    theirs.grad = grad.clone()
+    if momentum:
+        optimizer.state[theirs]["momentum_buffer"] = buffer.clone()
+    optimizer.step()
+    kernels_of(backend_device).masked_sgd_step_(
+        [param], [grad], [buffer] if momentum else [], [], lr=0.25, weight_decay=weight_decay,
+        momentum=momentum, dampening=0.0, nesterov=False, maximize=False,
+        is_first_step=False, truncation=1.0,
+    )  # fmt: skip
+    torch.testing.assert_close(param, theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_half_precision_adamw_squares_the_gradient_in_float32(backend_device):
+    # g = 300: g * g = 90000 overflows fp16; in fp32 the first step moves p by lr.
+    device = backend_device[1]
+    param = torch.tensor([1000.0], dtype=torch.float16, device=device)
+    grad = torch.tensor([300.0], dtype=torch.float16, device=device)
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    step = torch.zeros((), device=device)
+    kernels_of(backend_device).masked_adamw_step_(
+        [param], [grad], [m], [v], [], [step], [], lr=4.0, beta1=0.9, beta2=0.999,
+        weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False, truncation=1.0,
+    )  # fmt: skip
+    assert param.item() == 996.0 and v.item() == torch.tensor(90.0, dtype=torch.float16).item()
+
+
+@pytest.mark.parametrize("scalar", ["lr_tensor", "grad_scale", "found_inf"])
+@pytest.mark.parametrize("op", ["sgd", "adamw"])
+def test_the_reference_refuses_scalars_of_several_elements(op, scalar):
+    param, grad = torch.zeros(3), torch.ones(3)
+    two = {scalar: torch.ones(2)}
+    with pytest.raises(ValueError, match=rf"^{scalar} has 2 elements, expected 1$"):
+        if op == "sgd":
+            reference.masked_sgd_step_(
+                [param], [grad], [], [], lr=0.1, weight_decay=0.0, momentum=0.0,
+                dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+                truncation=1.0, **two,
+            )  # fmt: skip
+        else:
+            reference.masked_adamw_step_(
+                [param], [grad], [torch.zeros(3)], [torch.zeros(3)], [], [torch.zeros(())],
+                [], lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                amsgrad=False, maximize=False, truncation=1.0, **two,
+            )  # fmt: skip
