@@ -185,7 +185,7 @@ def test_channel_mask_errors():
         prune_channels(model, {"features.0.weight": good}, torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=re.escape("'nope.weight' is not the weight")):
         zero_pruned_channels(model, {"nope.weight": good})
-    with pytest.raises(ValueError, match=r"has shape \(9,\), expected \(8,\)"):
+    with pytest.raises(ValueError, match=r"'features.1.weight' has shape \(9,\), expected \(8,\)"):
         zero_pruned_channels(model, {"features.1.weight": torch.ones(9, dtype=torch.bool)})
     with pytest.raises(TypeError, match="must be a bool tensor"):
         zero_pruned_channels(model, {"features.1.weight": torch.ones(8)})
