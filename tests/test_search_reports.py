@@ -1,6 +1,8 @@
-"""What the search tells its user: when ties at the threshold are worth a warning, and
-errors that list what is wrong (the first three, then how many more)."""
+"""What the search tells its user and what it accepts: when ties at the threshold are
+worth a warning, errors that name what is wrong (the first three, then how many more),
+and its settings at their bounds."""
 
+import math
 import warnings
 
 import pytest
@@ -8,6 +10,8 @@ import torch
 from torch import nn
 
 from worm_fast import EarlyBirdSearch, NonFiniteError, WormSGD
+from worm_fast.rl.observation import CONTINUE, ObservationLayout
+from worm_fast.search import check_settings
 
 
 def tied(numel: int, ties: int) -> nn.Parameter:
@@ -74,3 +78,70 @@ def test_an_optimizer_missing_parameters_is_refused_naming_three_then_counting()
     three = nn.Sequential(*(nn.BatchNorm1d(2) for _ in range(3)))
     with pytest.raises(ValueError, match=r"does not hold '0.weight', '1.weight', '2.weight'; "):
         EarlyBirdSearch(three, other, mode="truncate")
+
+
+# -- settings ----------------------------------------------------------------------------
+
+SETTINGS = dict(mode="worm", prune_ratio=0.5, stop_distance=0.1, window=5, trigger_margin=0.05,
+                truncation=3e-3)  # fmt: skip
+
+
+def test_optional_settings_default_to_the_early_bird_conventions():
+    check_settings(**SETTINGS)  # scope, ties and first_check have working defaults
+
+
+@pytest.mark.parametrize("name", ["prune_ratio", "stop_distance", "trigger_margin", "truncation"])
+def test_a_setting_that_is_not_a_number_is_named(name):
+    with pytest.raises(ValueError, match=f"^{name} must be a number, got 'x'$"):
+        check_settings(**{**SETTINGS, name: "x"})
+
+
+@pytest.mark.parametrize(
+    "name, value, accepted",
+    [
+        ("trigger_margin", 0.0, True), ("trigger_margin", math.inf, False),
+        ("trigger_margin", -0.01, False), ("truncation", 0.0, True), ("truncation", 1.0, True),
+        ("truncation", 1.5, False), ("truncation", -0.5, False),
+    ],
+)  # fmt: skip
+def test_settings_at_their_bounds(name, value, accepted):
+    if accepted:
+        check_settings(**{**SETTINGS, name: value})
+    else:
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            check_settings(**{**SETTINGS, name: value})
+
+
+@pytest.mark.parametrize("mode", ["truncate", "worm"])
+def test_truncating_modes_refuse_an_optimizer_that_cannot_truncate(mode):
+    gamma = nn.Parameter(torch.ones(4))
+    with pytest.raises(TypeError, match=f"mode '{mode}' truncates gradients"):
+        EarlyBirdSearch([gamma], torch.optim.SGD([gamma], lr=0.1), mode=mode)
+    with pytest.raises(ValueError, match=f"mode '{mode}' truncates the updates"):
+        EarlyBirdSearch([gamma], WormSGD([nn.Parameter(torch.ones(1))], lr=0.1), mode=mode)
+
+
+def test_one_element_is_enough_and_none_is_refused():
+    assert EarlyBirdSearch([nn.Parameter(torch.ones(1))], mode="eb").window.numel == 1
+    with pytest.raises(ValueError, match="have no elements"):
+        EarlyBirdSearch([nn.Parameter(torch.ones(0))], mode="eb")
+
+
+def test_the_backend_is_kept_and_parameters_on_two_devices_are_named():
+    gamma = nn.Parameter(torch.ones(4))
+    assert EarlyBirdSearch([gamma], mode="eb", backend="reference").backend == "reference"
+    two = {"a": nn.Parameter(torch.ones(2)), "b": nn.Parameter(torch.ones(2, device="meta"))}
+    with pytest.raises(ValueError, match=r"on one device, got 'a' on cpu, 'b' on meta$"):
+        EarlyBirdSearch(two, mode="eb")
+
+
+def test_an_rl_search_takes_one_check_and_its_policys_layout():
+    gamma = nn.Parameter(torch.arange(1.0, 9.0))
+
+    def policy(observation):
+        return CONTINUE
+
+    policy.layout = ObservationLayout(history=2)
+    search = EarlyBirdSearch([gamma], mode="rl", policy=policy, max_checks=1)
+    search.check()
+    assert search.layout is policy.layout and search.observation.shape == (2 * 2 + 3,)
