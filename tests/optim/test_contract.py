@@ -115,3 +115,23 @@ def test_adamw_steps_load_as_float32_scalars_on_the_parameters_device(step):
         loaded = optimizer.state[param]["step"]
         assert isinstance(loaded, torch.Tensor) and loaded.dtype == torch.float32
         assert loaded.shape == () and loaded.item() == 3.0 and loaded.device == param.device
+
+
+@pytest.mark.parametrize("optimizer_class", [WormSGD, WormAdamW])
+def test_the_backend_is_kept_and_auto_is_none(optimizer_class):
+    params = make_params((3,), torch.float32)
+    assert optimizer_class(params, backend="reference").backend == "reference"
+    assert optimizer_class(params).backend is None  # "auto": chosen per device at each step
+
+
+@pytest.mark.parametrize("optimizer_class", [WormSGD, WormAdamW])
+def test_grad_scaler_leaves_the_unscaling_to_the_step(optimizer_class):
+    # The fused step divides by grad_scale itself: GradScaler must not unscale the
+    # gradients in a pass of its own (they stay scaled, as they were computed).
+    params = make_params((65,), torch.float32)
+    optimizer = optimizer_class(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(params[0].square().sum()).backward()
+    scaled = params[0].grad.clone()
+    scaler.step(optimizer)
+    assert torch.equal(params[0].grad, scaled)
