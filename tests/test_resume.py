@@ -289,7 +289,7 @@ def test_a_saved_truncation_factor_must_be_in_0_1(r, accepted):
         search.load_state_dict({**state, "r": r})
         assert search.r == optimizer.truncation == r
     else:
-        with pytest.raises(ValueError, match=r"r must be in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"load_state_dict: r must be in \[0, 1\]"):
             search.load_state_dict({**state, "r": r})
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from worm_fast import EarlyBirdSearch, NonFiniteError, WormSGD
+from worm_fast.backends import reference as reference_kernels
 from worm_fast.rl.observation import CONTINUE, ObservationLayout
 from worm_fast.search import check_settings
 
@@ -42,6 +43,11 @@ def warns(search) -> bool:
 def test_ties_warn_past_two_elements_or_one_percent(numel, ties, warned):
     search = EarlyBirdSearch([tied(numel, ties)], mode="eb", prune_ratio=0.5)
     assert warns(search) == warned
+    if warned:  # the warning points at the code that called check()
+        search = EarlyBirdSearch([tied(numel, ties)], mode="eb", prune_ratio=0.5)
+        with pytest.warns(RuntimeWarning, match="magnitudes equal") as caught:
+            search.check()
+        assert caught[0].filename == __file__
     assert int(search.candidate().bool_masks()["param0"].sum()) == numel // 2 - 1 - ties
 
 
@@ -70,10 +76,10 @@ def test_non_finite_values_of_many_parameters_are_listed_three_then_counted():
 
 
 def test_an_optimizer_missing_parameters_is_refused_naming_three_then_counting():
-    model = nn.Sequential(*(nn.BatchNorm1d(2) for _ in range(5)))
+    model = nn.Sequential(*(nn.BatchNorm1d(2) for _ in range(4)))
     other = WormSGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=r"does not hold '0.weight', '1.weight', '2.weight' "
-                                         r"and 2 more; build"):  # fmt: skip
+                                         r"and 1 more; build"):  # fmt: skip
         EarlyBirdSearch(model, other, mode="worm")
     three = nn.Sequential(*(nn.BatchNorm1d(2) for _ in range(3)))
     with pytest.raises(ValueError, match=r"does not hold '0.weight', '1.weight', '2.weight'; "):
@@ -145,3 +151,38 @@ def test_an_rl_search_takes_one_check_and_its_policys_layout():
     search = EarlyBirdSearch([gamma], mode="rl", policy=policy, max_checks=1)
     search.check()
     assert search.layout is policy.layout and search.observation.shape == (2 * 2 + 3,)
+
+
+# -- where the search runs ----------------------------------------------------------------
+
+
+def test_a_search_keeps_its_window_and_penalty_on_its_parameters_device():
+    # The meta device stands in for a second device: nothing may land on the CPU.
+    gamma = nn.Parameter(torch.ones(8, device="meta"))
+    search = EarlyBirdSearch([gamma], mode="gradient")
+    assert search.window.rows.device.type == "meta"
+    assert search.penalty().device.type == "meta"  # before the first check: zero, there
+    # A state saved on the CPU loads onto it.
+    cpu = EarlyBirdSearch([nn.Parameter(torch.arange(1.0, 9.0))], mode="gradient")
+    cpu.check()
+    search.load_state_dict(cpu.state_dict())
+    assert search.window.rows.device.type == "meta"
+    assert search._newest[0].device.type == "meta"
+    assert all(t.device.type == "meta" for t in search.soft_constants)
+
+
+@pytest.mark.parametrize("kernel", ["pack_mask", "soft_mask_distance"])
+def test_a_forced_backend_runs_the_searchs_ops(kernel, monkeypatch):
+    calls = []
+    original = getattr(reference_kernels, kernel)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference_kernels, kernel, spy)
+    gamma = nn.Parameter(torch.arange(1.0, 9.0))
+    search = EarlyBirdSearch([gamma], mode="gradient", backend="reference")
+    search.check()
+    search.penalty()
+    assert calls
