@@ -250,3 +250,23 @@ def test_zero_padding_shortcuts_are_refused_not_mispruned():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     apply_unstructured(model, masks)  # masks work on any architecture
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+
+
+def test_a_batchnorm_the_forward_never_uses_keeps_its_channels():
+    # torch-pruning's graph holds only what the forward runs: an unused BatchNorm is in
+    # no group, so nothing of it is removed, whatever its mask says.
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+            self.spare = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+    masks = {"bn.weight": torch.tensor([True, False, True, True]),
+             "spare.weight": torch.zeros(3, dtype=torch.bool)}  # fmt: skip
+    result = prune_channels(WithSpare().eval(), masks, torch.randn(1, 1, 5, 5))
+    assert result.effective_masks["spare.weight"].tolist() == [True] * 3
+    assert result.effective_masks["bn.weight"].tolist() == [True, False, True, True]
+    assert result.model.bn.num_features == 3 and result.model.spare.num_features == 3
