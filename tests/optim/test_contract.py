@@ -10,6 +10,7 @@ import torch
 from tests.utils import fill_grads, make_params, random_bool_masks
 from worm_fast import WormAdamW, WormSGD
 from worm_fast.backends import reference as reference_kernels
+from worm_fast.optim.base import lr_arguments
 
 PAIRS = [(WormSGD, torch.optim.SGD), (WormAdamW, torch.optim.AdamW)]
 
@@ -220,3 +221,14 @@ def test_a_forced_backend_runs_the_step(optimizer_class, kernel, monkeypatch):
     fill_grads(params, 0)
     optimizer.step()
     assert calls == [1]
+
+
+def test_a_tensor_lr_is_read_on_the_host_only_from_the_cpu():
+    # A CPU lr costs nothing to read; one on the accelerator (meta here) goes to the
+    # kernel as a tensor, so the step never waits for the device.
+    assert lr_arguments(torch.tensor(0.25), torch.device("cpu")) == {"lr": 0.25, "lr_tensor": None}
+    device_lr = torch.tensor(0.25, device="meta")
+    arguments = lr_arguments(device_lr, torch.device("meta"))
+    assert arguments.keys() == {"lr", "lr_tensor"} and arguments["lr"] == 0.0
+    assert arguments["lr_tensor"].device.type == "meta"
+    assert lr_arguments(0.5, torch.device("cpu")) == {"lr": 0.5, "lr_tensor": None}
