@@ -99,3 +99,31 @@ def test_the_reference_refuses_scalars_of_several_elements(op, scalar):
                 [], lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
                 amsgrad=False, maximize=False, truncation=1.0, **two,
             )  # fmt: skip
+
+
+def test_half_precision_sgd_unscales_in_float32(backend_device):
+    # 60000 / 0.5 = 120000 overflows fp16; in fp32, p = 40000 - 0.25 · 120000 fits.
+    device = backend_device[1]
+    param = torch.tensor([40000.0], dtype=torch.float16, device=device)
+    grad = torch.tensor([60000.0], dtype=torch.float16, device=device)
+    kernels_of(backend_device).masked_sgd_step_(
+        [param], [grad], [], [], lr=0.25, weight_decay=0.0, momentum=0.0, dampening=0.0,
+        nesterov=False, maximize=False, is_first_step=False, truncation=1.0,
+        grad_scale=torch.tensor(0.5, device=device),
+    )  # fmt: skip
+    assert param.item() == 10000.0
+
+
+def test_half_precision_adamw_decays_the_parameter_in_float32(backend_device):
+    # p (1 - lr·wd) = 999.9 rounds to 1000 in fp16; in fp32, 999.9 - 0.2 (the first
+    # step's update, lr · sign(g)) = 999.7 rounds to 999.5 once, at the end.
+    device = backend_device[1]
+    param = torch.tensor([1000.0], dtype=torch.float16, device=device)
+    grad = torch.tensor([1.0], dtype=torch.float16, device=device)
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    kernels_of(backend_device).masked_adamw_step_(
+        [param], [grad], [m], [v], [], [torch.zeros((), device=device)], [], lr=0.2,
+        beta1=0.9, beta2=0.999, weight_decay=5e-4, eps=1e-8, amsgrad=False, maximize=False,
+        truncation=1.0,
+    )  # fmt: skip
+    assert param.item() == 999.5
