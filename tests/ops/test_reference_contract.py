@@ -127,3 +127,34 @@ def test_half_precision_adamw_decays_the_parameter_in_float32(backend_device):
         truncation=1.0,
     )  # fmt: skip
     assert param.item() == 999.5
+
+
+def test_an_inf_step_with_unit_momentum_keeps_the_buffer(backend_device):
+    device = backend_device[1]
+    param, grad = torch.ones(3, device=device), torch.ones(3, device=device)
+    buffer = torch.full((3,), 0.5, device=device)
+    kernels_of(backend_device).masked_sgd_step_(
+        [param], [grad], [buffer], [], lr=0.25, weight_decay=0.0, momentum=1.0,
+        dampening=0.0, nesterov=False, maximize=False, is_first_step=False, truncation=1.0,
+        found_inf=torch.ones((), device=device),
+    )  # fmt: skip
+    assert param.tolist() == [1.0] * 3 and buffer.tolist() == [0.5] * 3
+
+
+def test_the_soft_mask_gradient_of_a_zero_weight_is_zero(backend_device):
+    # |v| has no slope at 0: sign(0) = 0, never a division by it.
+    backend, device = backend_device
+    values = torch.tensor([0.0, 0.5, -0.5], device=device, requires_grad=True)
+    window = torch.zeros(1, 8, dtype=torch.uint8, device=device)
+    window[0, 0] = 0b101
+    distance = ops.soft_mask_distance([values], window, [0.25], [0.1], backend=backend)
+    distance.backward()
+    assert values.grad[0].item() == 0.0 and torch.isfinite(values.grad).all()
+
+
+def test_the_soft_mask_backward_checks_its_gradient():
+    values, window = [torch.ones(3)], torch.zeros(1, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="grad"):
+        reference.soft_mask_distance_backward(
+            torch.ones(2), values, window, torch.tensor([0.5]), torch.tensor([0.1])
+        )
