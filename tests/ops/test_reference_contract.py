@@ -150,6 +150,12 @@ def test_the_soft_mask_gradient_of_a_zero_weight_is_zero(backend_device):
     distance = ops.soft_mask_distance([values], window, [0.25], [0.1], backend=backend)
     distance.backward()
     assert values.grad[0].item() == 0.0 and torch.isfinite(values.grad).all()
+    # The oracle of the backward kernels, called as they are.
+    (oracle,) = reference.soft_mask_distance_backward(
+        torch.ones((), device=device), [values.detach()], window, torch.tensor([0.25]),
+        torch.tensor([0.1]),
+    )  # fmt: skip
+    torch.testing.assert_close(oracle, values.grad, rtol=1e-6, atol=0)
 
 
 def test_the_soft_mask_backward_checks_its_gradient():
