@@ -141,7 +141,7 @@ def test_an_inf_step_with_unit_momentum_keeps_the_buffer(backend_device):
     assert param.tolist() == [1.0] * 3 and buffer.tolist() == [0.5] * 3
 
 
-def test_the_soft_mask_gradient_of_a_zero_weight_is_zero(backend_device):
+def test_a_zero_weight_has_a_zero_soft_mask_gradient(backend_device):
     # |v| has no slope at 0: sign(0) = 0, never a division by it.
     backend, device = backend_device
     values = torch.tensor([0.0, 0.5, -0.5], device=device, requires_grad=True)
