@@ -20,7 +20,7 @@ COMPAT_TESTS  := tests/ops tests/backends/test_cpp.py \
 COMPAT_SEARCH := --model resnet20 --width 0.25 --train-subset 96 --test-subset 64 \
 	--batch-size 32 --epochs 2 --retrain-epochs 1 --window 2 --no-progress --no-plots
 
-.PHONY: demo test bench gpu-check lint wheel compat clean
+.PHONY: demo test bench gpu-check lint wheel compat mutate clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -52,6 +52,22 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) -m benchmarks.gpu_check
 
+# Mutation testing (docs/mutation.md): mutmut over the search, masks, optimizers, the
+# reference kernels, pruning and the pipeline ([tool.mutmut] in pyproject.toml), each
+# mutant against the fast tests that reach it, then the score per module. Results are
+# kept in mutants/, so a rerun tests only what changed. One worker by default (it is
+# CPU-heavy); MUTATE_JOBS=4 for more. Not part of `make test`.
+MUTATE_JOBS ?= 1
+MUTATE_STAMP := $(VENV)/.worm_fast-mutate-installed
+
+$(MUTATE_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,text,rl,mutate]'
+	touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS)
+	$(PY) -m tests.mutation_score
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -82,4 +98,4 @@ compat: $(STAMP)
 		| tee refused.txt && grep -q "^cpp  *no  *worm_fast._C was built against torch" refused.txt
 
 clean:
-	rm -rf build dist *.egg-info worm_fast/_C*.so
+	rm -rf build dist *.egg-info worm_fast/_C*.so mutants

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from worm_fast import prune
+from worm_fast.profiling import flops
 from worm_fast.profiling.flops import FlopCount, model_flops
 
 
@@ -74,3 +76,45 @@ def test_count_is_cached_per_architecture_and_input_shape():
 def test_model_without_float_output_needs_a_loss_fn():
     with pytest.raises(ValueError, match="loss_fn"):
         model_flops(torch.nn.Identity(), torch.ones(3, dtype=torch.long))
+
+
+def _pruned_cnn() -> torch.nn.Module:
+    model = _small_cnn()
+    prune.apply_unstructured(
+        model,
+        {"0.weight": torch.rand(8, 3, 3, 3) < 0.5, "1.weight": torch.arange(8) % 2 == 0},
+    )
+    return model
+
+
+def _forward_with_autograd(model):
+    model(torch.randn(2, 3, 12, 12)).sum().backward()
+
+
+def _forward_without_autograd(model):
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 12, 12))
+    model.train()
+
+
+@pytest.mark.parametrize(
+    "before_counting",
+    [lambda model: None, _forward_with_autograd, _forward_without_autograd],
+    ids=["right-after-pruning", "after-a-training-forward", "after-an-evaluation"],
+)
+def test_masked_model_counts_whatever_ran_since_pruning(before_counting, monkeypatch):
+    # custom_from_mask keeps the masked weight as a plain attribute, recomputed from
+    # weight_orig * weight_mask before each forward; with autograd on it is a graph
+    # tensor, which deepcopy refuses. The count must not depend on what ran last.
+    monkeypatch.setattr(flops, "_model_flops_cache", {})  # count this model, not a cached one
+    x = torch.randn(4, 3, 12, 12)
+    dense = model_flops(_small_cnn(), x)
+    model = _pruned_cnn()
+    before_counting(model)
+    masked_weight, original = model[0].weight, model[0].weight_orig
+    monkeypatch.setattr(flops, "_model_flops_cache", {})
+    assert model_flops(model, x) == dense  # masking removes no multiply-adds
+    # The model itself is untouched: the same tensors, on their device, the hook kept.
+    assert model[0].weight is masked_weight and model[0].weight_orig is original
+    assert original.device.type == "cpu"
+    assert len(model[0]._forward_pre_hooks) == 1

@@ -2,6 +2,7 @@
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_channel_mask_errors():
         prune_channels(model, {"features.0.weight": good}, torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=re.escape("'nope.weight' is not the weight")):
         zero_pruned_channels(model, {"nope.weight": good})
-    with pytest.raises(ValueError, match=r"has shape \(9,\), expected \(8,\)"):
+    with pytest.raises(ValueError, match=r"'features.1.weight' has shape \(9,\), expected \(8,\)"):
         zero_pruned_channels(model, {"features.1.weight": torch.ones(9, dtype=torch.bool)})
     with pytest.raises(TypeError, match="must be a bool tensor"):
         zero_pruned_channels(model, {"features.1.weight": torch.ones(8)})
@@ -250,3 +251,53 @@ def test_zero_padding_shortcuts_are_refused_not_mispruned():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     apply_unstructured(model, masks)  # masks work on any architecture
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+
+
+def test_a_batchnorm_the_forward_never_uses_keeps_its_channels():
+    # torch-pruning's graph holds only what the forward runs: an unused BatchNorm is in
+    # no group, so nothing of it is removed, whatever its mask says.
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+            self.spare = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+    masks = {"bn.weight": torch.tensor([True, False, True, True]),
+             "spare.weight": torch.zeros(3, dtype=torch.bool)}  # fmt: skip
+    result = prune_channels(WithSpare().eval(), masks, torch.randn(1, 1, 5, 5))
+    assert result.effective_masks["spare.weight"].tolist() == [True] * 3
+    assert result.effective_masks["bn.weight"].tolist() == [True, False, True, True]
+    assert result.model.bn.num_features == 3 and result.model.spare.num_features == 3
+
+
+def test_masks_follow_the_model_to_its_device():
+    # The meta device stands in for a second device: CPU masks apply to a model there.
+    mask = torch.tensor([True, False, True, True])
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).to("meta")
+    apply_unstructured(model, {"1.weight": mask})
+    assert model[1].weight_mask.device.type == "meta"
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).to("meta")
+    zero_pruned_channels(model, {"1.weight": mask})
+    assert model[1].weight.device.type == "meta"
+
+
+def test_channel_removal_is_quiet_about_parameters_outside_layers():
+    # torch-pruning warns (when verbose) about parameters outside its known layers; a
+    # scalar one has nothing to prune, and prune_channels asks it to stay quiet.
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.head(self.bn(self.conv(x)).mean((2, 3))) * self.scale
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = prune_channels(Scaled().eval(), {"bn.weight": torch.tensor([True, False] * 2)},
+                                torch.randn(1, 1, 5, 5))  # fmt: skip
+    assert result.model.bn.num_features == 2

@@ -590,7 +590,9 @@ class EarlyBirdSearch:
         sizes = [self._numel] if self.config["scope"] == "global" else [
             part.numel for part in self.representatives.values()
         ]  # fmt: skip
-        expected = sum(n - int(n * p) for n in sizes)
+        # Distinct magnitudes keep those above the one at position int(n * p): n - int(n * p)
+        # - 1 per threshold (so a per-tensor search over many tensors is not a tie).
+        expected = sum(n - int(n * p) - 1 for n in sizes)
         total = self._numel
         if abs(kept - expected) > max(2, math.ceil(TIE_TOLERANCE * total)):
             self._warned_about_ties = True

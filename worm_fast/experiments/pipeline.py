@@ -46,7 +46,7 @@ from worm_fast.profiling import (
     penalty_step_cost,
     sgd_step_cost,
 )
-from worm_fast.search import EarlyBirdSearch, NonFiniteError, Ticket
+from worm_fast.search import EarlyBirdSearch, NonFiniteError, Ticket, _decimal
 
 __all__ = [
     "RunConfig", "RunResult", "SetupError", "check_setup", "run", "search_mode_options",
@@ -122,13 +122,14 @@ def _restore_epochs(
 ) -> int | None:
     """Retrain epochs until the test accuracy reaches ``target`` (``parse_restore_target``):
     ``relative`` F x the pre-pruned accuracy, or ``absolute`` A %. 0: already there after
-    pruning; None: not within the retrain epochs (a censored count)."""
+    pruning; None: not within the retrain epochs (a censored count).
+
+    Accuracies and F are compared as the decimals they print as, exactly: as floats,
+    0.9 x 62.0 is 55.800000000000004, and 55.8 % would miss a target it reaches."""
     kind, value = target
-    goal = value * pre if kind == "relative" else value
-    if pruned >= goal:
-        return 0
-    for epoch, accuracy in enumerate(retrain_accuracies, start=1):
-        if accuracy >= goal:
+    goal = _decimal(value) * (_decimal(pre) if kind == "relative" else 1)
+    for epoch, accuracy in enumerate([pruned, *retrain_accuracies]):
+        if _decimal(accuracy) >= goal:
             return epoch
     return None
 

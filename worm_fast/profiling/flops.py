@@ -85,6 +85,14 @@ def _count_on_meta(model: torch.nn.Module, inputs: tuple, loss_fn) -> FlopCount:
         )
     for buffer in model.buffers():
         memo[id(buffer)] = buffer.detach().to("meta")
+    # Tensors held as plain attributes are derived ones, recomputed before every forward:
+    # torch.nn.utils.prune's masked weight (weight_orig * weight_mask). After a forward
+    # with autograd on it is a graph tensor that deepcopy refuses, so a meta twin stands
+    # in for it too, whatever ran last.
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and id(value) not in memo:
+                memo[id(value)] = value.detach().to("meta")
     meta_inputs = tree_map(
         lambda x: x.detach().to("meta") if isinstance(x, torch.Tensor) else x, inputs
     )
