@@ -16,6 +16,7 @@ from torch import nn
 
 from worm_fast.experiments import pipeline, report, variants
 from worm_fast.experiments.config import RunConfig
+from worm_fast.experiments.parallel import SINGLE_PROCESS
 from worm_fast.experiments.train import EpochResult, classify_images
 from worm_fast.experiments.variants import compare_variants, run_variants
 from worm_fast.experiments.workloads import Workload, make_optimizer
@@ -99,7 +100,8 @@ class Script:
             model[1].weight.copy_(torch.tensor(values))
 
     def train_epoch(self, model, loader, optimizer, *, device, forward, progress, description,
-                    penalty=None, scheduler=None) -> EpochResult:  # fmt: skip
+                    penalty=None, scheduler=None, parallel) -> EpochResult:  # fmt: skip
+        assert parallel is SINGLE_PROCESS
         self.phase = "search" if " search " in description else "retrain"
         epoch = int(description.split()[-1])
         assert description == f"{self.config.mode} {self.phase} epoch {epoch}"
@@ -117,7 +119,8 @@ class Script:
         loss = 1.0 / epoch if self.phase == "search" else 0.5 / epoch
         return EpochResult(loss, 50.0 + epoch, seconds, STEPS, [loss] * STEPS)
 
-    def accuracies(self, model, loader, *, device, forward, ks) -> dict[int, float]:
+    def accuracies(self, model, loader, *, device, forward, ks, parallel) -> dict[int, float]:
+        assert parallel is SINGLE_PROCESS
         assert loader is self.workload.eval_loader and forward is classify_images
         assert device == torch.device("cpu") and ks == ((1,) if self.config.is_text else (1, 5))
         self.now += EVAL_SECONDS
@@ -141,7 +144,8 @@ def scripted(monkeypatch):
     scripts: dict[tuple[str, int], Script] = {}
     current: list[Script] = []
 
-    def build_workload(config, *, initial_state=None):
+    def build_workload(config, *, initial_state=None, parallel):
+        assert parallel is SINGLE_PROCESS
         script = scripts[config.mode, config.seed]
         current[:] = [script]
         torch.manual_seed(config.seed)

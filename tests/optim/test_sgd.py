@@ -131,6 +131,23 @@ def test_state_dict_resume_gives_identical_trajectory():
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
+def test_a_copy_of_the_optimizer_and_its_parameters_truncates_as_the_original():
+    params = make_params((63, 4097), torch.float32)
+    opt = WormSGD(params, lr=0.1, momentum=0.9, backend="reference")
+    opt.set_truncation(random_bool_masks(params, 0.5), 3e-3)
+    run_steps(opt, params, steps=2)
+    copied_params, copied = copy.deepcopy((params, opt))  # one memo: the copy's own params
+    assert copied.truncation == 3e-3 and copied.backend == "reference"
+    assert set(copied.truncation_masks) == set(copied_params)
+    for step in range(2, 4):
+        fill_grads(params, step)
+        opt.step()
+        fill_grads(copied_params, step)
+        copied.step()
+    for a, e in zip(copied_params, params):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_torch_sgd_state_dict_loads_both_ways():
     ours, theirs = make_params((7, 65), torch.float32), make_params((7, 65), torch.float32)
     ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)

@@ -17,6 +17,13 @@ from worm_fast.distributed import local_tensor
 _STATE_KEY = "worm_truncation"
 
 
+# What a TruncatingOptimizer holds beside torch's optimizer state.
+_TRUNCATION_ATTRIBUTES = (
+    "backend", "_step_supports_amp_scaling", "truncation", "_masks", "_mask_shapes",
+    "_truncation_tensors",
+)  # fmt: skip
+
+
 class TruncatingOptimizer(Optimizer):
     """An optimizer whose step scales the updates of masked-out elements by ``r``."""
 
@@ -41,6 +48,13 @@ class TruncatingOptimizer(Optimizer):
         # and a new r is written into it, so setting r never compiles the step again. (Not
         # 0-d: Dynamo reads a 0-d float64 CPU tensor as a Python float and traces twice.)
         self._truncation_tensors: dict[torch.device, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer keeps only defaults, state and param_groups in a copy or a
+        # pickle; a copy must keep truncating as the original does.
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in _TRUNCATION_ATTRIBUTES})
+        return state
 
     # -- truncation -------------------------------------------------------------------
 
