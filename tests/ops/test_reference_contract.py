@@ -164,3 +164,12 @@ def test_the_soft_mask_backward_checks_its_gradient():
         reference.soft_mask_distance_backward(
             torch.ones(2), values, window, torch.tensor([0.5]), torch.tensor([0.1])
         )
+
+
+def test_the_soft_mask_backward_returns_gradients_in_the_values_dtype():
+    values = [torch.tensor([0.25, -0.75, 1.5], dtype=torch.float16)]
+    window = torch.zeros(1, 8, dtype=torch.uint8)
+    (grad,) = reference.soft_mask_distance_backward(
+        torch.ones(()), values, window, torch.tensor([0.5]), torch.tensor([0.25])
+    )
+    assert grad.dtype == torch.float16 and grad.shape == (3,)
