@@ -493,20 +493,22 @@ def test_an_rl_run_shows_its_policy_the_training_loss(scripted, monkeypatch, tmp
     assert (fraction, trend) == pytest.approx((3 / 6, -2 / 3))
 
 
-def test_a_text_run_reports_top_1_only(scripted):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_a_text_run_reports_top_1_only(scripted, weight_decay):
     scripted["worm", 0] = settling_script()
     result = pipeline.run(config(task="rt-polarity", model=None, representative=("1.weight",),
-                                 weight_decay=0.0))  # fmt: skip
+                                 weight_decay=weight_decay))  # fmt: skip
     metrics = result.metrics
     assert metrics["pre_pruned_accuracy"] == 80.0 and metrics["retrain_accuracy_1"] == 70.0
     for key in ("pre_pruned_top5_accuracy", "pruned_top5_accuracy", "retrain_top5_accuracy_1"):
         assert metrics[key] is None, key
     assert all(row.get("test_top5_accuracy") is None for row in result.rows)
-    # A text run fine-tunes with AdamW: its optimizer cost (here without weight decay).
-    cost = adamw_step_cost(tiny_cnn().parameters(), masked_numel=0, weight_decay=0.0) * STEPS
+    # A text run fine-tunes with AdamW: its optimizer cost, with or without weight decay.
+    model = tiny_cnn()
+    cost = adamw_step_cost(model.parameters(), masked_numel=0, weight_decay=weight_decay)
     retrain = result.profile["phases"][-1]
     assert (retrain["optimizer_flops"], retrain["optimizer_bytes"]) == (
-        3 * cost.flops, 3 * cost.bytes,
+        3 * STEPS * cost.flops, 3 * STEPS * cost.bytes,
     )  # fmt: skip
 
 
