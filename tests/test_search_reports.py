@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import worm_fast.search
+from tests.utils import count_calls
 from worm_fast import EarlyBirdSearch, NonFiniteError, WormSGD
 from worm_fast.backends import reference as reference_kernels
 from worm_fast.rl.observation import CONTINUE, ObservationLayout
@@ -174,14 +175,7 @@ def test_a_search_keeps_its_window_and_penalty_on_its_parameters_device():
 
 @pytest.mark.parametrize("kernel", ["pack_mask", "soft_mask_distance"])
 def test_a_forced_backend_runs_the_searchs_ops(kernel, monkeypatch):
-    calls = []
-    original = getattr(reference_kernels, kernel)
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(reference_kernels, kernel, spy)
+    calls = count_calls(monkeypatch, reference_kernels, kernel)
     gamma = nn.Parameter(torch.arange(1.0, 9.0))
     search = EarlyBirdSearch([gamma], mode="gradient", backend="reference")
     search.check()

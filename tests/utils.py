@@ -346,3 +346,16 @@ def assert_lists_equal(actual, expected, what: str = "") -> None:
     """Bit for bit, tensor by tensor."""
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.dtype == e.dtype and torch.equal(a, e), f"{what}: tensor {i} differs"
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` for the test; the returned list gets a 1 per call."""
+    calls = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls

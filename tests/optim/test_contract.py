@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from tests.utils import fill_grads, make_params, random_bool_masks
+from tests.utils import count_calls, fill_grads, make_params, random_bool_masks
 from worm_fast import WormAdamW, WormSGD
 from worm_fast.backends import reference as reference_kernels
 from worm_fast.optim.base import lr_arguments
@@ -208,14 +208,7 @@ def test_adamw_uses_its_eps():
     [(WormSGD, "masked_sgd_step_"), (WormAdamW, "masked_adamw_step_")],
 )
 def test_a_forced_backend_runs_the_step(optimizer_class, kernel, monkeypatch):
-    calls = []
-    original = getattr(reference_kernels, kernel)
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(reference_kernels, kernel, spy)
+    calls = count_calls(monkeypatch, reference_kernels, kernel)
     params = make_params((5,), torch.float32)
     optimizer = optimizer_class(params, lr=0.1, backend="reference")
     fill_grads(params, 0)
