@@ -284,8 +284,8 @@ class EarlyBirdSearch:
         })  # fmt: skip
         check_settings(**self.config)
         # Exact limits for the integer decisions (see the module docstring).
-        self._stop_limit = _decimal(stop_distance)
-        self._trigger_limit = self._stop_limit + _decimal(trigger_margin)
+        self._stop_limit = printed_decimal(stop_distance)
+        self._trigger_limit = self._stop_limit + printed_decimal(trigger_margin)
         penalty = PenaltySettings(distance_weight, duration_weight, temperature)
         policy, layout = _load_policy(mode, policy, max_checks)
         needs_truncation = (
@@ -693,7 +693,7 @@ class EarlyBirdSearch:
             self.observation = self.layout.observe(self.features, self.config["max_checks"])
 
 
-def _decimal(value: float) -> Fraction:
+def printed_decimal(value: float) -> Fraction:
     """``value`` as the decimal it prints as: 0.1 is 1/10, not the nearest double."""
     return Fraction(repr(float(value)))
 

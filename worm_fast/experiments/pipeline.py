@@ -46,7 +46,7 @@ from worm_fast.profiling import (
     penalty_step_cost,
     sgd_step_cost,
 )
-from worm_fast.search import EarlyBirdSearch, NonFiniteError, Ticket, _decimal
+from worm_fast.search import EarlyBirdSearch, NonFiniteError, Ticket, printed_decimal
 
 __all__ = [
     "RunConfig", "RunResult", "SetupError", "check_setup", "run", "search_mode_options",
@@ -127,9 +127,9 @@ def _restore_epochs(
     Accuracies and F are compared as the decimals they print as, exactly: as floats,
     0.9 x 62.0 is 55.800000000000004, and 55.8 % would miss a target it reaches."""
     kind, value = target
-    goal = _decimal(value) * (_decimal(pre) if kind == "relative" else 1)
+    goal = printed_decimal(value) * (printed_decimal(pre) if kind == "relative" else 1)
     for epoch, accuracy in enumerate([pruned, *retrain_accuracies]):
-        if _decimal(accuracy) >= goal:
+        if printed_decimal(accuracy) >= goal:
             return epoch
     return None
 
