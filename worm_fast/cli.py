@@ -1,5 +1,6 @@
 """The ``worm-fast`` command: search, compare, sweep, value-masking; WORM-RL's ``rl
-record`` and ``rl train``; and what backends this machine has.
+record`` and ``rl train``; ``merge``, one experiment's seeds run in several processes;
+and what backends this machine has.
 
 A run trains a CNN on an image dataset (``--dataset``, default MNIST), or fine-tunes a
 pretrained transformer on a text task (``--task rt-polarity | sst2 | mrpc | rte``; the
@@ -44,6 +45,7 @@ from worm_fast.experiments.config import (
     RunConfig,
 )
 from worm_fast.experiments.data import DATASETS, TEXT_TASKS, DatasetNotFoundError
+from worm_fast.experiments.merge import load_document, merge_documents
 from worm_fast.experiments.models import EMBEDDED_MODEL, MODELS, ModelNotFoundError
 from worm_fast.experiments.parallel import DEFAULT_TIMEOUT_SECONDS, SINGLE_PROCESS, DataParallel
 from worm_fast.experiments.pipeline import SetupError
@@ -294,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     value_masking.add_argument("--mode", choices=MODES, default="eb")
     value_masking.add_argument("--runs", type=int, default=1)
     _add_rl_commands(commands)
+    merge = commands.add_parser(
+        "merge",
+        help="join result folders holding different seeds of one experiment",
+        description="Joins the results of one experiment whose seeds were run by several "
+        "commands (`compare --seed 0 --runs 3` and `--seed 3 --runs 2`, otherwise equal "
+        "options) into one folder: every file and table that a single run over all the "
+        "seeds writes. Folders that differ in anything but the seed are refused.",
+    )
+    merge.add_argument("folders", type=Path, nargs="+", help="result folders to join")
+    merge.add_argument("--out", type=Path, required=True, help="the joined results' folder")
+    merge.add_argument("--no-plots", action="store_true")
     commands.add_parser("backends", help="which kernel backends run here, and why not")
     return parser
 
@@ -417,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         return _refuse(error)
     if args.command == "rl" and args.rl_command == "train":
         return _rl_train(args)
+    if args.command == "merge":
+        return _merge(args)
     try:
         config = _config(args, parallel)
         parallel.per_rank_batch(config.batch_size)
@@ -496,6 +511,12 @@ def _run(
     if not parallel.is_main:
         return 0
     save(document)
+    _print_report(args, document)
+    return 0
+
+
+def _print_report(args: argparse.Namespace, document: dict) -> None:
+    """The figures, and the tables on stdout, of a finished results document."""
     if not args.no_plots:
         report.plot_mask_distances(document, args.out / "mask_distance.png")
         report.plot_losses(document, args.out / "loss.png")
@@ -509,6 +530,20 @@ def _run(
     print(f"results: {args.out}/ (results.json, epochs.csv, runs.csv, summary.csv, phases.csv, "
           "table.md"
           + ("" if args.no_plots else ", mask_distance.png, loss.png") + ")")  # fmt: skip
+
+
+def _merge(args: argparse.Namespace) -> int:
+    try:
+        if args.out.resolve() in {folder.resolve() for folder in args.folders}:
+            raise ValueError(f"--out {args.out} is one of the folders to join: choose a new one")
+        sources = [str(folder) for folder in args.folders]
+        document = merge_documents([load_document(f) for f in args.folders], sources)
+        _check_out(args.out)
+        with exclusive_folder(args.out):
+            report.write_results(args.out, document)
+            _print_report(args, document)
+    except (ValueError, FolderInUseError) as error:
+        return _refuse(error)
     return 0
 
 
