@@ -59,17 +59,22 @@ def test_folders_of_other_settings_are_refused_naming_the_setting(folders):
         merge_documents([seed0, seed1])
 
 
-def test_a_finished_seed_supersedes_its_unfinished_attempt_but_never_another_finished_one(
-    folders,
-):
+def test_a_finished_seed_supersedes_its_unfinished_attempt_and_equals_its_rerun(folders):
     seed0 = load_document(folders / "seed0")
     killed = copy.deepcopy(seed0)
     killed["runs"][0]["status"], killed["runs"][1]["status"] = "running", "interrupted"
     for documents in ([killed, seed0], [seed0, killed]):
         merged = merge_documents(documents)
         assert merged["runs"] == seed0["runs"]
-    with pytest.raises(MergeError, match="'EB Train' seed 0 finished in both a and b"):
-        merge_documents([seed0, seed0], ["a", "b"])
+    # the same seed run twice is one result (wall times aside) ...
+    rerun = load_document(folders / "seed0")
+    rerun["runs"][0]["metrics"]["total_seconds"] += 100.0
+    assert merge_documents([seed0, rerun])["runs"] == seed0["runs"]
+    # ... unless the two runs disagree
+    rerun["runs"][0]["metrics"]["pre_pruned_accuracy"] += 1.0
+    with pytest.raises(MergeError, match=r"'EB Train' seed 0 finished in both a and b with "
+                       r"different results \(pre_pruned_accuracy\)"):  # fmt: skip
+        merge_documents([seed0, rerun], ["a", "b"])
     with pytest.raises(MergeError, match="at least two"):
         merge_documents([seed0])
 

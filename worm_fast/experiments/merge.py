@@ -7,10 +7,12 @@ documents join into the document of the whole experiment: the runs in seed order
 summary recomputed over all of them. Documents that do not belong together (another
 command, other variants, any setting but the seed) are refused, naming the difference.
 
-A seed may appear in two documents only if all but one of its attempts are unfinished
-(``running``: its process was killed; ``interrupted``): the finished run supersedes
-them, so a seed rerun elsewhere replaces its broken attempt. Two finished runs of one
-seed and variant are refused: which one counts would be a choice the table hides.
+A seed may appear in several documents. Its finished run supersedes unfinished attempts
+(``running``: the process was killed; ``interrupted``), so a seed rerun elsewhere
+replaces its broken attempt. Two finished runs of one seed and variant are one result
+when every metric but the wall times agrees (the first is kept; the runs are
+deterministic on one machine); if they differ they are refused, naming the metrics:
+which one counts would be a choice the table hides.
 """
 
 import json
@@ -96,8 +98,20 @@ def _one_run_per_seed(documents: list[dict], sources: list[str]) -> list[dict]:
             if key not in chosen or chosen[key][0]["status"] in UNFINISHED:
                 chosen[key] = (run, source)
             elif run["status"] not in UNFINISHED:
-                raise MergeError(
-                    f"{run['variant']!r} seed {run['seed']} finished in both {chosen[key][1]} "
-                    f"and {source}: keep one of them (the folders' seeds must not overlap)"
-                )
+                kept, kept_source = chosen[key]
+                theirs, ours = _timeless(kept), _timeless(run)
+                differing = sorted(k for k in theirs.keys() | ours.keys()
+                                   if theirs.get(k) != ours.get(k))  # fmt: skip
+                if differing:
+                    raise MergeError(
+                        f"{run['variant']!r} seed {run['seed']} finished in both {kept_source} "
+                        f"and {source} with different results ({', '.join(differing)}): "
+                        "keep one of them"
+                    )
     return [run for run, _ in chosen.values()]
+
+
+def _timeless(run: dict) -> dict:
+    """What two runs of one seed must share: the status and every metric but wall times."""
+    metrics = {k: v for k, v in run.get("metrics", {}).items() if "seconds" not in k}
+    return {"status": run["status"], **metrics}
