@@ -29,7 +29,7 @@ class MergeError(ValueError):
 
 
 def load_document(folder: str | Path) -> dict:
-    """The results document a ``compare``/``sweep``/``value-masking`` run wrote in ``folder``."""
+    """The results document a ``worm-fast`` run (``compare``, ``sweep``, …) wrote in ``folder``."""
     path = Path(folder) / RESULTS_FILE
     if not path.is_file():
         raise MergeError(
@@ -55,9 +55,7 @@ def merge_documents(documents: list[dict], sources: list[str] | None = None) -> 
     first, reference = documents[0], _shared_settings(documents[0])
     for document, source in zip(documents[1:], sources[1:], strict=True):
         settings = _shared_settings(document)
-        differing = sorted(k for k in reference.keys() | settings.keys()
-                           if reference.get(k) != settings.get(k))  # fmt: skip
-        if differing:
+        if differing := _differing(reference, settings):
             details = ", ".join(f"{k}: {reference.get(k)!r} vs {settings.get(k)!r}"
                                 for k in differing)  # fmt: skip
             raise MergeError(
@@ -99,16 +97,18 @@ def _one_run_per_seed(documents: list[dict], sources: list[str]) -> list[dict]:
                 chosen[key] = (run, source)
             elif run["status"] not in UNFINISHED:
                 kept, kept_source = chosen[key]
-                theirs, ours = _timeless(kept), _timeless(run)
-                differing = sorted(k for k in theirs.keys() | ours.keys()
-                                   if theirs.get(k) != ours.get(k))  # fmt: skip
-                if differing:
+                if differing := _differing(_timeless(kept), _timeless(run)):
                     raise MergeError(
                         f"{run['variant']!r} seed {run['seed']} finished in both {kept_source} "
                         f"and {source} with different results ({', '.join(differing)}): "
                         "keep one of them"
                     )
     return [run for run, _ in chosen.values()]
+
+
+def _differing(ours: dict, theirs: dict) -> list[str]:
+    """The keys whose values differ between two dicts (or that only one has)."""
+    return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
 
 
 def _timeless(run: dict) -> dict:
