@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
 # EB Train vs WORM on the embedded MNIST: ResNet-20 at quarter width on a seeded 5,000-image
-# subset, 5 seeds (25 minutes on 2 cores shared with other jobs, 2026-12-02; README, Results).
+# subset, 5 seeds (9 minutes on 2 idle cores, 2026-12-02; README, Results).
 demo: $(STAMP)
 	$(VENV)/bin/worm-fast compare --model resnet20 --width 0.25 --dataset mnist \
 		--train-subset 5000 --test-subset 1000 --batch-size 64 --lr 0.02 \
